@@ -1,0 +1,40 @@
+# The two set-up commands of the README: `make demo` and `make test`.
+# Each creates (or reuses) the local virtual environment .venv and installs the project first.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.morphomol-installed
+CORES  ?= 2
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: demo test install lint dry-run clean-demo
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES)
+	@echo
+	@echo "Demo finished. Outputs:"
+	@echo "  tables:   results/demo/tables/ (table_a1.md, table_a2.md, per_gene.csv, ttests.csv, plots/)"
+	@echo "  samples:  results/demo/samples/<sample>/ (registration.json, registration_qc.png, tiles.*, tokens.zarr)"
+	@echo "  runs:     results/demo/runs/<setting>/fold<k>/metrics.json"
+	@$(BIN)/snakemake --cores 1 --report results/report.html --quiet all >/dev/null 2>&1 && echo "  report:   results/report.html" || true
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/snakemake --lint
+
+dry-run: $(STAMP)
+	$(BIN)/snakemake -n
+
+clean-demo:
+	rm -rf results/demo
