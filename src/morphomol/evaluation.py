@@ -1,0 +1,164 @@
+"""Per-gene regression metrics, CLIP retrieval recall@k, and the run output files.
+
+Regression (Table A.1): for one fold, over *all* test tiles, per add-on gene: Pearson, Spearman
+(Pearson of average ranks, ties averaged), MSE and MAE, in log1p space; the fold's summary is
+the mean across genes.
+
+Constant columns: a correlation is undefined when the true or the predicted values of a gene
+are constant over the test tiles (zero variance). Such a gene gets ``NaN`` for Pearson and
+Spearman (MSE/MAE stay defined); the fold means use ``nanmean`` over the genes where the
+correlation is defined, and ``n_undefined`` counts the others. In JSON, NaN is written as
+``null``.
+
+Retrieval (Table A.2): image -> transcript retrieval *within chunks* of ``chunk_size`` test
+tiles (the paper's batch of 256). The test tiles are put in a seeded random order (so a chunk
+mixes samples, as a shuffled test batch does), split into consecutive chunks of exactly
+``chunk_size`` (a last, smaller remainder is dropped unless it is the only chunk), and in each
+chunk every image embedding ranks the chunk's transcript embeddings by cosine similarity.
+recall@k = fraction of images whose own transcript embedding is among the top k. The random
+baseline is k / chunk size (0.0039 / 0.0195 at 256). Ties in similarity count against the
+query (strictly greater similarities rank ahead, equal ones are counted too), so identical
+embeddings for every tile do not score perfectly by accident.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy.stats import rankdata
+
+from morphomol.atomic import atomic_path
+
+METRICS = ("pearson", "spearman", "mse", "mae")
+
+
+def _column_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson per column of two (N, G) arrays; NaN where either column is constant."""
+    a = a - a.mean(axis=0)
+    b = b - b.mean(axis=0)
+    num = (a * b).sum(axis=0)
+    den = np.sqrt((a * a).sum(axis=0) * (b * b).sum(axis=0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = num / den
+    r[~(den > 0)] = np.nan
+    return np.clip(r, -1.0, 1.0)
+
+
+def per_gene_metrics(y: np.ndarray, y_hat: np.ndarray, genes: Sequence[str]) -> pd.DataFrame:
+    """Per-gene Pearson, Spearman, MSE, MAE; index = genes. ``y``/``y_hat``: (N, G) in log1p space."""
+    y = np.asarray(y, dtype=np.float64)
+    y_hat = np.asarray(y_hat, dtype=np.float64)
+    if y.shape != y_hat.shape or y.ndim != 2 or y.shape[1] != len(genes):
+        raise ValueError(f"shape mismatch: y {y.shape}, y_hat {y_hat.shape}, {len(genes)} genes")
+    if y.shape[0] == 0:
+        raise ValueError("no tiles to evaluate")
+    if not np.isfinite(y_hat).all():
+        raise ValueError("predictions contain NaN/inf")
+    pear = _column_pearson(y, y_hat)
+    spear = _column_pearson(rankdata(y, axis=0), rankdata(y_hat, axis=0))
+    err = y_hat - y
+    return pd.DataFrame({"pearson": pear, "spearman": spear, "mse": (err**2).mean(axis=0),
+                         "mae": np.abs(err).mean(axis=0)}, index=pd.Index(list(genes), name="gene"))
+
+
+def summarize(per_gene: pd.DataFrame) -> dict[str, float]:
+    """Means across genes (NaN-safe); NaN only when no gene has a defined value."""
+    out: dict[str, float] = {}
+    for m in METRICS:
+        v = per_gene[m].to_numpy(dtype=np.float64)
+        out[m] = float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+    return out
+
+
+def regression_report(y: np.ndarray, y_hat: np.ndarray, genes: Sequence[str]) -> dict[str, Any]:
+    """The metric part of metrics.json: ``mean``, ``per_gene``, ``n_undefined``."""
+    pg = per_gene_metrics(y, y_hat, genes)
+    return {
+        "genes": list(genes),
+        "mean": summarize(pg),
+        "per_gene": {g: {m: float(pg.at[g, m]) for m in METRICS} for g in pg.index},
+        "n_undefined": int(pg["pearson"].isna().sum()),
+    }
+
+
+def recall_at_k(img: np.ndarray, txt: np.ndarray, ks: Sequence[int] = (1, 5), chunk_size: int = 256,
+                seed: int = 0) -> dict[str, Any]:
+    """Image -> transcript recall@k within chunks of ``chunk_size`` (protocol in the module docstring)."""
+    img = np.asarray(img, dtype=np.float64)
+    txt = np.asarray(txt, dtype=np.float64)
+    if img.shape != txt.shape or img.ndim != 2:
+        raise ValueError(f"embedding shapes differ: {img.shape} vs {txt.shape}")
+    n = img.shape[0]
+    if n < 2:
+        raise ValueError("need at least 2 pairs for retrieval")
+    img = img / np.maximum(np.linalg.norm(img, axis=1, keepdims=True), 1e-12)
+    txt = txt / np.maximum(np.linalg.norm(txt, axis=1, keepdims=True), 1e-12)
+    order = np.random.default_rng(seed).permutation(n)
+    size = min(chunk_size, n)
+    chunks = [order[i:i + size] for i in range(0, n - size + 1, size)]
+    hits = {k: 0 for k in ks}
+    random = {k: 0.0 for k in ks}
+    n_queries = 0
+    for idx in chunks:
+        sim = img[idx] @ txt[idx].T  # (c, c); row = image query, column = transcript candidate
+        own = np.diag(sim)[:, None]
+        # rank of the true partner: candidates at least as similar, excluding itself
+        rank = (sim >= own).sum(axis=1) - 1
+        for k in ks:
+            hits[k] += int((rank < k).sum())
+            random[k] += min(k, len(idx))  # expected hits of a random ranking
+        n_queries += len(idx)
+    out: dict[str, Any] = {"n_pairs": n, "chunk_size": size, "n_chunks": len(chunks), "n_queries": n_queries}
+    for k in ks:
+        out[f"recall@{k}"] = hits[k] / n_queries
+        out[f"random_recall@{k}"] = random[k] / n_queries
+    return out
+
+
+# --------------------------------------------------------------------------- output files
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, (np.floating,)):
+        return _json_safe(float(obj))
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(path: str | Path, obj: dict[str, Any]) -> None:
+    """Atomic JSON write; NaN/inf become null."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(_json_safe(obj), indent=2, allow_nan=False) + "\n")
+
+
+def predictions_frame(tile_ids: Sequence[str], genes: Sequence[str], y: np.ndarray, y_hat: np.ndarray) -> pd.DataFrame:
+    """Long table ``tile_id, gene, y, y_hat`` (log1p space), tile-major."""
+    n, g = len(tile_ids), len(genes)
+    y = np.asarray(y, dtype=np.float32).reshape(n, g)
+    y_hat = np.asarray(y_hat, dtype=np.float32).reshape(n, g)
+    return pd.DataFrame({
+        "tile_id": pd.Categorical(np.repeat(np.asarray(tile_ids, dtype=object), g)),
+        "gene": pd.Categorical(np.tile(np.asarray(genes, dtype=object), n), categories=list(genes)),
+        "y": y.reshape(-1),
+        "y_hat": y_hat.reshape(-1),
+    })
+
+
+def write_predictions(path: str | Path, tile_ids: Sequence[str], genes: Sequence[str], y: np.ndarray,
+                      y_hat: np.ndarray) -> None:
+    df = predictions_frame(tile_ids, genes, y, y_hat)
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)

@@ -1,0 +1,156 @@
+"""Patient-grouped outer folds and grouped inner validation splits.
+
+Outer: ``GroupKFold(n_folds)`` on ``patient_id`` (tile-weighted balancing, deterministic),
+so every tile is ``test`` in exactly one fold and no patient is in two partitions.
+
+Fallback: with fewer patients than folds (the 3-patient demo with 4 folds) patient
+grouping is impossible; the outer folds are then grouped by ``sample_id`` (logged as a
+warning). A sample never spans two partitions, but one patient's different samples can
+then sit in train and test of the same fold — the only possible choice with those inputs.
+Fewer samples than folds is an InputError.
+
+Inner: ``val_fraction`` of the fold's training *patients* (at least one, and at least one
+left for fitting) chosen with ``seed + fold``; grouped by patient when the training part
+has >= 2 patients, else by sample. The same assertions run in code on every fold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from morphomol.atomic import atomic_path
+from morphomol.errors import InputError
+from morphomol.logs import get_logger
+
+log = get_logger("splits")
+
+PARTITIONS = ("fit", "val", "test")
+
+
+def _group_kfold(groups: np.ndarray, n_folds: int) -> np.ndarray:
+    """Fold index (0..n_folds-1) of the test part for every row."""
+    from sklearn.model_selection import GroupKFold
+
+    fold = np.full(len(groups), -1, np.int64)
+    for k, (_tr, te) in enumerate(GroupKFold(n_splits=n_folds).split(np.zeros(len(groups)), groups=groups)):
+        fold[te] = k
+    return fold
+
+
+def _choose_val(groups: Sequence[str], frac: float, rng: np.random.Generator) -> set[str]:
+    uniq = sorted(set(groups))
+    n_val = int(round(frac * len(uniq)))
+    n_val = min(max(n_val, 1), len(uniq) - 1)
+    return set(rng.permutation(np.array(uniq, dtype=object))[:n_val].tolist())
+
+
+def make_splits(tiles: pd.DataFrame, n_folds: int = 4, val_fraction: float = 0.25, seed: int = 0
+                ) -> tuple[list[pd.DataFrame], str]:
+    """tiles: columns tile_id, sample_id, patient_id, index. Returns (per-fold tables, outer grouping key)."""
+    for col in ("tile_id", "sample_id", "patient_id", "index"):
+        if col not in tiles.columns:
+            raise InputError(f"splits input lacks column {col!r}", field=col)
+    t = tiles[["tile_id", "sample_id", "patient_id", "index"]].reset_index(drop=True).copy()
+    t["sample_id"] = t["sample_id"].astype(str)
+    t["patient_id"] = t["patient_id"].astype(str)
+    if t["tile_id"].duplicated().any():
+        raise InputError(f"duplicate tile_id {t['tile_id'][t['tile_id'].duplicated()].iloc[0]}", field="tile_id")
+    # one patient per sample
+    per_sample = t.groupby("sample_id")["patient_id"].nunique()
+    if (per_sample > 1).any():
+        s = per_sample.index[per_sample > 1][0]
+        raise InputError(f"sample {s} has tiles from several patients", field="patient_id")
+    n_pat = t["patient_id"].nunique()
+    n_smp = t["sample_id"].nunique()
+    if n_pat >= n_folds:
+        key = "patient_id"
+    elif n_smp >= n_folds:
+        key = "sample_id"
+        log.warning("only %d patients for %d folds: outer folds grouped by sample_id (%d samples) instead; a "
+                    "patient's samples may be split between train and test, no sample is", n_pat, n_folds, n_smp)
+    else:
+        raise InputError(f"{n_pat} patients and {n_smp} samples cannot make {n_folds} grouped folds",
+                         field="splits.n_folds", expected=f"at most {max(n_pat, n_smp)} folds")
+    test_fold = _group_kfold(t[key].to_numpy(), n_folds)
+    out = []
+    for k in range(n_folds):
+        rng = np.random.default_rng([int(seed), k])
+        is_test = test_fold == k
+        train = t[~is_test]
+        inner_key = "patient_id" if train["patient_id"].nunique() >= 2 else "sample_id"
+        if train[inner_key].nunique() < 2:
+            raise InputError(f"fold {k}: training part has a single {inner_key}; no grouped validation split possible",
+                             field="splits.n_folds")
+        if inner_key != "patient_id":
+            log.warning("fold %d: validation grouped by sample_id (one training patient)", k)
+        val_groups = _choose_val(train[inner_key].tolist(), val_fraction, rng)
+        part = np.where(is_test, "test", np.where(t[inner_key].isin(val_groups), "val", "fit"))
+        f = t.copy()
+        f["partition"] = part
+        check_fold(f, key, inner_key)
+        out.append(f)
+        log.info("fold %d: %s", k, {p: int((part == p).sum()) for p in PARTITIONS})
+    check_folds(out)
+    return out, key
+
+
+def check_fold(f: pd.DataFrame, outer_key: str = "patient_id", inner_key: str = "patient_id") -> None:
+    """Raise unless: no sample spans two partitions; with patient-grouped outer folds no
+    patient spans two partitions; with patient-grouped validation no patient is in fit and val."""
+
+    def _disjoint(df: pd.DataFrame, key: str, what: str) -> None:
+        n = df.groupby(key)["partition"].nunique()
+        if (n > 1).any():
+            g = n.index[n > 1][0]
+            raise AssertionError(f"{key} {g} appears in two partitions ({what})")
+
+    _disjoint(f, "sample_id", "fit/val/test")
+    if outer_key == "patient_id":
+        _disjoint(f, "patient_id", "fit/val/test")
+    if inner_key == "patient_id":
+        _disjoint(f[f["partition"] != "test"], "patient_id", "fit/val")
+    for p in PARTITIONS:
+        if not (f["partition"] == p).any():
+            raise AssertionError(f"partition {p} is empty")
+
+
+def check_folds(folds: Sequence[pd.DataFrame]) -> None:
+    """Raise unless every tile is test in exactly one fold and all folds list the same tiles."""
+    ids = folds[0]["tile_id"].to_numpy()
+    n_test = np.zeros(len(ids), np.int64)
+    for f in folds:
+        if not np.array_equal(f["tile_id"].to_numpy(), ids):
+            raise AssertionError("folds list different tiles")
+        n_test += (f["partition"] == "test").to_numpy()
+    if not (n_test == 1).all():
+        raise AssertionError(f"tile {ids[np.flatnonzero(n_test != 1)[0]]} is test in {n_test[n_test != 1][0]} folds")
+
+
+def collect_tiles(tiles_paths: Sequence[str | Path], sample_ids: Sequence[str], patient_ids: Sequence[str]
+                  ) -> pd.DataFrame:
+    parts = []
+    for path, s, p in zip(tiles_paths, sample_ids, patient_ids, strict=True):
+        df = pd.read_parquet(path, columns=["tile_id", "index"])
+        df.insert(1, "sample_id", str(s))
+        df.insert(2, "patient_id", str(p))
+        parts.append(df)
+    return pd.concat(parts, ignore_index=True)
+
+
+def splits_cohort(*, tiles: Sequence[str | Path], samples: Sequence[str], patients: Sequence[str],
+                  out: Sequence[str | Path], n_folds: int = 4, val_fraction: float = 0.25, seed: int = 0,
+                  **_: object) -> None:
+    """Rule entry: write ``out[k]`` = splits/fold{k}.parquet for k < n_folds."""
+    if len(out) != n_folds:
+        raise InputError(f"{len(out)} outputs for {n_folds} folds", field="splits.n_folds")
+    t = collect_tiles(tiles, samples, patients)
+    folds, key = make_splits(t, n_folds, val_fraction, seed)
+    log.info("%d tiles, %d samples, %d patients; outer folds grouped by %s", len(t), t["sample_id"].nunique(),
+             t["patient_id"].nunique(), key)
+    for f, path in zip(folds, out, strict=True):
+        with atomic_path(path) as tmp:
+            f.to_parquet(tmp, index=False)

@@ -1,0 +1,671 @@
+"""Tissue detection, the tile grid, and the ``tiles.parquet`` + ``tiles.zarr`` writer.
+
+Geometry (shared with :mod:`morphomol.tokens`)
+----------------------------------------------
+All tile geometry lives in level-0 H&E pixels. A :class:`TileGrid` has an origin
+``(ox, oy)`` (the top-left of the transcript-covered area), a tile side ``size_px`` =
+``tile_px * tile_mpp / he_mpp`` and a stride ``stride_px`` (both may be fractional). Tile
+``(i, j)`` (column ``i``, row ``j``) covers the half-open box
+``[ox + i*stride, ox + i*stride + size) x [oy + j*stride, oy + j*stride + size)``.
+
+Each tile is cut into ``grid x grid`` (14 x 14) tokens; a token is a 16-px patch of the
+224-px stored image, i.e. ``size/grid`` level-0 px. Because the stride is a whole number
+``s`` of patches (``s = grid*stride/size``, 7 for the defaults), token boundaries of
+overlapping tiles coincide: every point has one *global patch* ``(P_x, P_y) =
+floor((x - ox) / patch_px), floor((y - oy) / patch_px)`` and belongs to token
+``(P_y - j*s) * grid + (P_x - i*s)`` (row-major, row = y) of every tile ``(i, j)`` with
+``i*s <= P_x < i*s + grid`` (and the same for y). Intervals are half-open everywhere: a
+point exactly on a border belongs to the tile/patch on its right/bottom. The grid is
+also cut into *cells* of ``s x s`` patches (one stride); tile ``(i, j)`` is cells
+``[i, i+k) x [j, j+k)`` with ``k = size/stride`` (2 for the defaults).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from morphomol.atomic import atomic_path
+from morphomol.errors import InputError
+from morphomol.logs import get_logger
+
+log = get_logger("tiling")
+
+#: Compression of ``tiles.zarr/images`` (see benchmarks/bench_tiling.py for the measurement).
+DEFAULT_IMAGE_CODEC = "lz4"
+
+
+# ----------------------------------------------------------------------------- geometry
+@dataclass(frozen=True)
+class TileGrid:
+    """Regular grid of overlapping square tiles in level-0 H&E pixels (see module doc)."""
+
+    origin_x: float
+    origin_y: float
+    size_px: float
+    stride_px: float
+    nx: int
+    ny: int
+    grid: int = 14
+
+    def __post_init__(self) -> None:
+        k = self.size_px / self.stride_px
+        if abs(k - round(k)) > 1e-9 or round(k) < 1:
+            raise InputError(
+                f"tile size {self.size_px:g} px is not a whole multiple of the stride {self.stride_px:g} px",
+                field="tiling.stride_px", expected="stride_px dividing tile_px (e.g. 512 / 256)",
+            )
+        s = self.grid / round(k)
+        if abs(s - round(s)) > 1e-9:
+            raise InputError(
+                f"the stride ({self.stride_px:g} px) is not a whole number of tokens "
+                f"(grid {self.grid}, tile {self.size_px:g} px)",
+                field="tiling.stride_px", expected="grid * stride / tile size to be an integer",
+            )
+
+    @classmethod
+    def covering(cls, bbox: Sequence[float], size_px: float, stride_px: float, grid: int = 14) -> TileGrid:
+        """Smallest grid with origin at ``bbox[:2]`` whose tiles cover ``bbox`` (x0, y0, x1, y1)."""
+        x0, y0, x1, y1 = (float(v) for v in bbox)
+        nx = max(1, int(math.ceil((x1 - x0 - size_px) / stride_px - 1e-9)) + 1)
+        ny = max(1, int(math.ceil((y1 - y0 - size_px) / stride_px - 1e-9)) + 1)
+        return cls(x0, y0, float(size_px), float(stride_px), nx, ny, grid)
+
+    @property
+    def k(self) -> int:
+        """Tiles per cell along one axis (= size / stride)."""
+        return int(round(self.size_px / self.stride_px))
+
+    @property
+    def s(self) -> int:
+        """Stride in patches (tokens)."""
+        return int(round(self.grid / self.k))
+
+    @property
+    def patch_px(self) -> float:
+        return self.size_px / self.grid
+
+    @property
+    def n_patch_x(self) -> int:
+        return (self.nx - 1) * self.s + self.grid
+
+    @property
+    def n_patch_y(self) -> int:
+        return (self.ny - 1) * self.s + self.grid
+
+    @property
+    def n_cell_x(self) -> int:
+        return self.nx + self.k - 1
+
+    @property
+    def n_cell_y(self) -> int:
+        return self.ny + self.k - 1
+
+    def px_to_patch(self) -> np.ndarray:
+        """3x3 affine: level-0 H&E px -> global patch coordinates (floor gives the patch)."""
+        p = self.patch_px
+        return np.array([[1.0 / p, 0.0, -self.origin_x / p], [0.0, 1.0 / p, -self.origin_y / p], [0.0, 0.0, 1.0]])
+
+    def tile_origin(self, i: np.ndarray | int, j: np.ndarray | int) -> tuple[Any, Any]:
+        return self.origin_x + np.asarray(i) * self.stride_px, self.origin_y + np.asarray(j) * self.stride_px
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"origin_x": self.origin_x, "origin_y": self.origin_y, "size_px": self.size_px,
+                "stride_px": self.stride_px, "nx": self.nx, "ny": self.ny, "grid": self.grid}
+
+
+def um_to_patch_matrices(grid: TileGrid, inverses: Sequence[np.ndarray | None]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-region composed affine µm -> global patch coordinates, shape (R, 2, 3) float64.
+
+    ``inverses[r]`` maps Xenium µm -> level-0 H&E px for region r (None: no transform).
+    Returns (matrices, has_transform). Regions without a transform get NaN rows.
+    """
+    P = grid.px_to_patch()
+    R = max(1, len(inverses))
+    out = np.full((R, 2, 3), np.nan)
+    has = np.zeros(R, dtype=bool)
+    for r, inv in enumerate(inverses):
+        if inv is None:
+            continue
+        m = np.asarray(inv, dtype=np.float64)
+        if m.shape != (3, 3) or not np.all(np.isfinite(m)):
+            continue
+        out[r] = (P @ m)[:2]
+        has[r] = True
+    return out, has
+
+
+# ----------------------------------------------------------------------------- tissue
+def otsu_threshold(values: np.ndarray, nbins: int = 256) -> float:
+    """Otsu threshold of values in [0, 1]."""
+    hist, edges = np.histogram(values, bins=nbins, range=(0.0, 1.0))
+    hist = hist.astype(np.float64)
+    centers = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centers)
+    mt = m0[-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mu0 = m0 / w0
+        mu1 = (mt - m0) / w1
+        between = w0 * w1 * (mu0 - mu1) ** 2
+    between = np.nan_to_num(between)
+    return float(centers[int(np.argmax(between))])
+
+
+def detect_tissue(rgb: np.ndarray, *, min_saturation: float = 0.05, min_object_px: int = 16,
+                  close_radius: int = 2) -> np.ndarray:
+    """Boolean tissue mask of an RGB uint8 thumbnail: Otsu on HSV saturation, then clean-up.
+
+    Background (glass) is bright and unsaturated; H&E-stained tissue is saturated. The
+    threshold is ``max(otsu, min_saturation)``; very dark pixels (pen, black borders) are
+    excluded; then closing, hole filling, opening, and removal of objects smaller than
+    ``min_object_px`` thumbnail pixels.
+    """
+    from scipy import ndimage as ndi
+
+    img = np.asarray(rgb, dtype=np.float32) / 255.0
+    mx = img.max(axis=2)
+    mn = img.min(axis=2)
+    sat = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0.0)
+    t = max(otsu_threshold(sat.ravel()), min_saturation) if sat.size else 1.0
+    mask = (sat > t) & (mx > 0.15)
+    if close_radius > 0:
+        st = np.ones((2 * close_radius + 1,) * 2, dtype=bool)
+        mask = ndi.binary_closing(mask, structure=st, border_value=0)
+        mask = ndi.binary_fill_holes(mask)
+        mask = ndi.binary_opening(mask, structure=np.ones((3, 3), bool))
+    if min_object_px > 1 and mask.any():
+        lab, n = ndi.label(mask)
+        sizes = np.bincount(lab.ravel())
+        small = sizes < min_object_px
+        small[0] = True
+        mask = ~small[lab]
+    return mask
+
+
+def tile_tissue_fraction(mask: np.ndarray, grid: TileGrid, scale: float) -> np.ndarray:
+    """Fraction of tissue pixels per tile, (ny, nx). ``mask[0, 0]`` sits at the grid origin;
+    one mask pixel is ``scale`` level-0 px. Pixels beyond the mask count as background."""
+    h, w = mask.shape
+    ii = np.zeros((h + 1, w + 1), dtype=np.int64)
+    ii[1:, 1:] = np.cumsum(np.cumsum(mask.astype(np.int64), axis=0), axis=1)
+    xs = np.arange(grid.nx) * grid.stride_px / scale
+    ys = np.arange(grid.ny) * grid.stride_px / scale
+    side = grid.size_px / scale
+    ax0 = np.round(xs).astype(np.int64)
+    ax1 = np.maximum(np.round(xs + side).astype(np.int64), ax0 + 1)
+    ay0 = np.round(ys).astype(np.int64)
+    ay1 = np.maximum(np.round(ys + side).astype(np.int64), ay0 + 1)
+    area = (ay1 - ay0)[:, None] * (ax1 - ax0)[None, :]
+    cx0, cx1 = np.clip(ax0, 0, w), np.clip(ax1, 0, w)
+    cy0, cy1 = np.clip(ay0, 0, h), np.clip(ay1, 0, h)
+    inside = ii[cy1][:, cx1] - ii[cy0][:, cx1] - ii[cy1][:, cx0] + ii[cy0][:, cx0]
+    return inside / area
+
+
+# ----------------------------------------------------------------------------- streaming count
+def _numba():
+    import numba
+
+    return numba
+
+
+_KERNELS: dict[str, Any] = {}
+
+
+def _count_kernel():
+    if "count" not in _KERNELS:
+        nb = _numba()
+
+        @nb.njit(cache=True, nogil=True)
+        def count_cells(x, y, reg, codes, lut, M, npx, npy, s, cell_count, cell_region, cell_gene):
+            n = x.shape[0]
+            dropped = 0
+            for t in range(n):
+                r = reg[t]
+                if r < 0:
+                    continue
+                g = lut[codes[t]]
+                if g < 0:
+                    continue
+                xf = np.float64(x[t])
+                yf = np.float64(y[t])
+                fx = M[r, 0, 0] * xf + M[r, 0, 1] * yf + M[r, 0, 2]
+                fy = M[r, 1, 0] * xf + M[r, 1, 1] * yf + M[r, 1, 2]
+                if not (fx >= 0.0 and fx < npx and fy >= 0.0 and fy < npy):
+                    dropped += 1
+                    continue
+                cx = np.int64(fx) // s
+                cy = np.int64(fy) // s
+                cell_count[cy, cx] += 1
+                cell_region[cy, cx, r] += 1
+                cell_gene[cy, cx, g] = 1
+            return dropped
+
+        _KERNELS["count"] = count_cells
+    return _KERNELS["count"]
+
+
+@dataclass
+class Batch:
+    """Plain transcript batch used by the core functions (no reader objects)."""
+
+    x: np.ndarray  # float32 µm
+    y: np.ndarray  # float32 µm
+    region: np.ndarray  # int32 region index (-1 = dropped)
+    codes: np.ndarray  # int32 gene codes into the batch's own names
+    lut: np.ndarray  # int32 code -> sample gene index (-1 = skip)
+
+
+def check_regions(region: np.ndarray, has_transform: np.ndarray, sample: str) -> None:
+    """InputError if transcripts fall into a region without a transform (or an unknown region)."""
+    R = len(has_transform)
+    if region.size == 0:
+        return
+    rmax = int(region.max())
+    if rmax >= R:
+        n = int((region >= R).sum())
+        raise InputError(f"sample {sample}: {n} transcripts assigned to region {rmax}, but the registration "
+                         f"has only {R} region(s)", field="regions", expected="a transform for every region")
+    if not has_transform.all():
+        cnt = np.bincount(region[region >= 0], minlength=R)
+        bad = np.flatnonzero((cnt > 0) & ~has_transform)
+        if bad.size:
+            r = int(bad[0])
+            raise InputError(f"sample {sample}: {int(cnt[r])} transcripts fall in region {r}, which has no "
+                             f"transform (matrix/inverse missing or not finite)", field=f"regions[{r}].inverse",
+                             expected="a finite 3x3 affine for every region that receives transcripts")
+
+
+@dataclass
+class CellCounts:
+    count: np.ndarray  # (ncy, ncx) int64
+    region: np.ndarray  # (ncy, ncx, R) int64
+    gene: np.ndarray  # (ncy, ncx, G) uint8 presence
+    n_seen: int = 0
+    n_outside: int = 0
+
+
+def count_cells(batches: Iterable[Batch], grid: TileGrid, M: np.ndarray, n_genes: int) -> CellCounts:
+    """First streaming pass: transcripts per grid cell (and per region, gene presence)."""
+    R = M.shape[0]
+    cc = CellCounts(np.zeros((grid.n_cell_y, grid.n_cell_x), np.int64),
+                    np.zeros((grid.n_cell_y, grid.n_cell_x, R), np.int64),
+                    np.zeros((grid.n_cell_y, grid.n_cell_x, max(1, n_genes)), np.uint8))
+    kern = _count_kernel()
+    for b in batches:
+        cc.n_seen += len(b.x)
+        cc.n_outside += int(kern(b.x, b.y, b.region.astype(np.int32, copy=False), b.codes.astype(np.int32, copy=False),
+                                 b.lut.astype(np.int32, copy=False), M, float(grid.n_patch_x), float(grid.n_patch_y),
+                                 grid.s, cc.count, cc.region, cc.gene))
+    return cc
+
+
+def tile_stats(cc: CellCounts, grid: TileGrid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(n_transcripts (ny,nx), majority region (ny,nx), n_genes (ny,nx)) from cell counts."""
+    k = grid.k
+    ny, nx = grid.ny, grid.nx
+    n = np.zeros((ny, nx), np.int64)
+    reg = np.zeros((ny, nx, cc.region.shape[2]), np.int64)
+    pres = np.zeros((ny, nx, cc.gene.shape[2]), np.uint8)
+    for dy in range(k):
+        for dx in range(k):
+            n += cc.count[dy:dy + ny, dx:dx + nx]
+            reg += cc.region[dy:dy + ny, dx:dx + nx]
+            pres |= cc.gene[dy:dy + ny, dx:dx + nx]
+    return n, reg.argmax(axis=2).astype(np.int32), pres.sum(axis=2, dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------- slide reading
+def read_downsampled(slide: Any, box: Sequence[float], scale: float) -> np.ndarray:
+    """RGB image of level-0 box (x0, y0, x1, y1) at ``scale`` level-0 px per output px."""
+    from PIL import Image
+
+    x0, y0, x1, y1 = (float(v) for v in box)
+    ow = max(1, int(math.ceil((x1 - x0) / scale)))
+    oh = max(1, int(math.ceil((y1 - y0) / scale)))
+    level = slide.get_best_level_for_downsample(max(scale, 1.0))
+    ds = float(slide.level_downsamples[level])
+    out = np.empty((oh, ow, 3), np.uint8)
+    rows_per_strip = max(1, int(2048 * ds / scale))  # output rows per strip (bounded memory)
+    for r0 in range(0, oh, rows_per_strip):
+        r1 = min(oh, r0 + rows_per_strip)
+        sy0, sy1 = y0 + r0 * scale, y0 + r1 * scale
+        lx0, ly0 = int(math.floor(x0 / ds)), int(math.floor(sy0 / ds))
+        lx1, ly1 = int(math.ceil((x0 + ow * scale) / ds)), int(math.ceil(sy1 / ds))
+        region = slide.read_region((int(round(lx0 * ds)), int(round(ly0 * ds))), level, (lx1 - lx0, ly1 - ly0))
+        box_l = (x0 / ds - lx0, sy0 / ds - ly0, (x0 + ow * scale) / ds - lx0, sy1 / ds - ly0)
+        img = Image.fromarray(np.ascontiguousarray(region)).resize((ow, r1 - r0), Image.Resampling.BILINEAR, box=box_l)
+        out[r0:r1] = np.asarray(img)
+    return out
+
+
+class TileReader:
+    """Reads tiles (level-0 box of side ``size_px``) from the best pyramid level, resampled
+    to ``out_px``; rows of neighbouring tiles are read as one region to avoid re-reading
+    the overlap."""
+
+    def __init__(self, slide: Any, size_px: float, out_px: int = 224, block_tiles: int = 8) -> None:
+        self.slide = slide
+        self.size_px = float(size_px)
+        self.out_px = int(out_px)
+        self.level = slide.get_best_level_for_downsample(self.size_px / self.out_px)
+        self.ds = float(slide.level_downsamples[self.level])
+        self.block_tiles = block_tiles
+
+    def read_row(self, xs: np.ndarray, y: float) -> np.ndarray:
+        """Tiles with top-left (xs[i], y) (xs sorted) -> (n, out, out, 3) uint8."""
+        from PIL import Image
+
+        n = len(xs)
+        out = np.empty((n, self.out_px, self.out_px, 3), np.uint8)
+        ds = self.ds
+        i = 0
+        while i < n:
+            # group tiles whose span stays small (contiguous in the row)
+            j = i + 1
+            while j < n and j - i < self.block_tiles and xs[j] - xs[j - 1] <= self.size_px:
+                j += 1
+            bx0, bx1 = float(xs[i]), float(xs[j - 1]) + self.size_px
+            lx0, ly0 = int(math.floor(bx0 / ds)), int(math.floor(y / ds))
+            lx1, ly1 = int(math.ceil(bx1 / ds)) + 1, int(math.ceil((y + self.size_px) / ds)) + 1
+            region = self.slide.read_region((int(round(lx0 * ds)), int(round(ly0 * ds))), self.level,
+                                            (lx1 - lx0, ly1 - ly0))
+            pil = Image.fromarray(np.ascontiguousarray(region))
+            for t in range(i, j):
+                bx = float(xs[t]) / ds - lx0
+                by = y / ds - ly0
+                side = self.size_px / ds
+                out[t] = np.asarray(pil.resize((self.out_px, self.out_px), Image.Resampling.BILINEAR,
+                                               box=(bx, by, bx + side, by + side)))
+            i = j
+        return out
+
+
+# ----------------------------------------------------------------------------- zarr
+def image_codecs(name: str) -> list[Any] | None:
+    """Compressor list for ``name`` in none | lz4 | zstd1 (Blosc, byte shuffle)."""
+    from zarr.codecs import BloscCodec
+
+    if name in ("none", None):
+        return None
+    if name == "lz4":
+        return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=1)]
+    if name in ("zstd1", "zstd-1", "zstd"):
+        return [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=1)]
+    if name in ("zstd1-bitshuffle",):
+        return [BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle", typesize=1)]
+    raise ValueError(f"unknown image codec {name!r}")
+
+
+def create_image_array(path: Path, n: int, out_px: int, chunk_tiles: int, codec: str, attrs: dict[str, Any]):
+    import zarr
+
+    g = zarr.open_group(str(path), mode="w", zarr_format=3)
+    g.attrs.update(attrs)
+    arr = g.create_array("images", shape=(n, out_px, out_px, 3), chunks=(chunk_tiles, out_px, out_px, 3),
+                         dtype="uint8", compressors=image_codecs(codec), fill_value=0)
+    return g, arr
+
+
+class ChunkWriter:
+    """Buffers rows and writes whole chunks of a zarr array (no read-modify-write)."""
+
+    def __init__(self, arr: Any, chunk: int) -> None:
+        self.arr = arr
+        self.chunk = chunk
+        self.buf = np.empty((chunk,) + tuple(arr.shape[1:]), arr.dtype)
+        self.fill = 0
+        self.pos = 0
+
+    def add(self, rows: np.ndarray) -> None:
+        i = 0
+        while i < len(rows):
+            take = min(self.chunk - self.fill, len(rows) - i)
+            self.buf[self.fill:self.fill + take] = rows[i:i + take]
+            self.fill += take
+            i += take
+            if self.fill == self.chunk:
+                self.flush()
+
+    def flush(self) -> None:
+        if self.fill:
+            self.arr[self.pos:self.pos + self.fill] = self.buf[:self.fill]
+            self.pos += self.fill
+            self.fill = 0
+
+
+# ----------------------------------------------------------------------------- plan + write
+def plan_tiles(
+    sample: str, grid: TileGrid, n_tx: np.ndarray, region: np.ndarray, n_genes: np.ndarray,
+    tissue: np.ndarray, *, min_transcripts: int, min_tissue_fraction: float,
+    matrices_px_to_um: Sequence[np.ndarray | None],
+) -> pd.DataFrame:
+    """tiles.parquet table (kept tiles in row-major grid order) from per-grid-tile stats."""
+    keep = (tissue >= min_tissue_fraction) & (n_tx >= min_transcripts)
+    if not keep.any():
+        on_tissue = tissue >= min_tissue_fraction
+        best_t = int(n_tx[on_tissue].max()) if on_tissue.any() else 0
+        raise InputError(
+            f"sample {sample}: zero tiles left after filtering: {int(on_tissue.sum())} of {n_tx.size} tiles have "
+            f"tissue fraction >= {min_tissue_fraction:g}; the most transcripts any of them has is {best_t} "
+            f"(any tile: {int(n_tx.max())}), below min_transcripts={min_transcripts}",
+            field="tiling.min_transcripts", expected="at least one tile passing both thresholds",
+        )
+    jj, ii = np.nonzero(keep)
+    x0, y0 = grid.tile_origin(ii, jj)
+    reg = region[jj, ii]
+    cxp, cyp = x0 + grid.size_px / 2, y0 + grid.size_px / 2
+    xum = np.full(len(ii), np.nan)
+    yum = np.full(len(ii), np.nan)
+    for r, m in enumerate(matrices_px_to_um):
+        if m is None:
+            continue
+        sel = reg == r
+        m = np.asarray(m, float)
+        xum[sel] = m[0, 0] * cxp[sel] + m[0, 1] * cyp[sel] + m[0, 2]
+        yum[sel] = m[1, 0] * cxp[sel] + m[1, 1] * cyp[sel] + m[1, 2]
+    n = len(ii)
+    idx = np.arange(n)
+    return pd.DataFrame({
+        "tile_id": [f"{sample}__{i:06d}" for i in idx],
+        "index": idx.astype(np.int64),
+        "x_px": x0.astype(np.float64), "y_px": y0.astype(np.float64),
+        "size_px": np.full(n, grid.size_px),
+        "x_um": xum, "y_um": yum,
+        "region": reg.astype(np.int32),
+        "n_transcripts": n_tx[jj, ii].astype(np.int64),
+        "n_genes": n_genes[jj, ii].astype(np.int64),
+        "tissue_fraction": tissue[jj, ii].astype(np.float32),
+        "grid_i": ii.astype(np.int32), "grid_j": jj.astype(np.int32),
+    })
+
+
+def write_tiles_zarr(path: Path, slide: Any, table: pd.DataFrame, *, size_px: float, out_px: int,
+                     chunk_tiles: int, codec: str, attrs: dict[str, Any]) -> float:
+    """Read + resample each kept tile and write ``images``; returns seconds spent."""
+    t0 = time.perf_counter()
+    g, arr = create_image_array(path, len(table), out_px, chunk_tiles, codec, attrs)
+    writer = ChunkWriter(arr, chunk_tiles)
+    reader = TileReader(slide, size_px, out_px)
+    ys = table["y_px"].to_numpy()
+    xs = table["x_px"].to_numpy()
+    # rows of the table are in row-major grid order, so equal y are contiguous
+    starts = np.flatnonzero(np.r_[True, ys[1:] != ys[:-1]])
+    ends = np.r_[starts[1:], len(ys)]
+    done = 0
+    for a, b in zip(starts, ends, strict=True):
+        writer.add(reader.read_row(xs[a:b], float(ys[a])))
+        done += b - a
+        if len(starts) > 10 and (a == 0 or (done * 10) // len(ys) != ((done - (b - a)) * 10) // len(ys)):
+            log.info("%s: %d/%d tiles written", attrs.get("sample"), done, len(ys))
+    writer.flush()
+    return time.perf_counter() - t0
+
+
+def qc_png(path: Path, thumb: np.ndarray, mask: np.ndarray, table: pd.DataFrame, grid: TileGrid, scale: float) -> None:
+    from PIL import Image, ImageDraw
+
+    img = thumb.copy()
+    tint = img[mask].astype(np.int16)
+    tint[:, 1] = np.clip(tint[:, 1] + 40, 0, 255)
+    img[mask] = tint.astype(np.uint8)
+    pil = Image.fromarray(img)
+    d = ImageDraw.Draw(pil)
+    for x, y in zip(table["x_px"].to_numpy(), table["y_px"].to_numpy(), strict=True):
+        a = ((x - grid.origin_x) / scale, (y - grid.origin_y) / scale)
+        d.rectangle([a[0], a[1], a[0] + grid.size_px / scale, a[1] + grid.size_px / scale], outline=(0, 0, 255))
+    with atomic_path(path) as tmp:
+        pil.save(tmp, format="PNG")
+
+
+# ----------------------------------------------------------------------------- the rule
+def sample_batches(bundle: Any, reg: Any, genes: Sequence[str], *, batch_size: int, qv_min: float | None
+                   ) -> Iterator[Batch]:
+    """Stream a XeniumBundle as :class:`Batch` es (region assignment + gene lookup table)."""
+    pos = {g: i for i, g in enumerate(genes)}
+    lut_cache: tuple[int, np.ndarray] | None = None
+    simple = len(reg.regions) == 1 and not getattr(reg.regions[0], "polygon_um", None)
+    for b in bundle.iter_transcripts(batch_size=batch_size, qv_min=qv_min, drop_controls=True):
+        names = b.gene_names
+        if lut_cache is None or lut_cache[0] != id(names):
+            lut_cache = (id(names), np.array([pos.get(n, -1) for n in names], dtype=np.int32))
+        if simple and getattr(reg, "region_assignment", "nearest") != "drop":
+            region = np.zeros(len(b.x), np.int32)
+        else:
+            region = np.asarray(reg.assign_regions(b.x, b.y), dtype=np.int32)
+        yield Batch(b.x, b.y, region, b.gene_codes, lut_cache[1])
+
+
+def sample_genes(bundle: Any) -> list[str]:
+    """All non-control genes of a sample: those present in the transcripts plus the panel file."""
+    from morphomol.io.xenium import is_control
+
+    genes = set(bundle.feature_names())
+    panel = bundle.gene_panel()
+    if panel:
+        genes |= {g for g in panel if not is_control(g)}
+    return sorted(genes)
+
+
+def region_matrices(reg: Any) -> tuple[list[np.ndarray | None], list[np.ndarray | None]]:
+    """(inverse µm->px, matrix px->µm) per region of a Registration (None where missing)."""
+    inv, fwd = [], []
+    for r in reg.regions:
+        m = getattr(r, "matrix", None)
+        i = getattr(r, "inverse", None)
+        fwd.append(None if m is None else np.asarray(m, float))
+        if i is None and m is not None:
+            i = np.linalg.inv(np.asarray(m, float))
+        inv.append(None if i is None else np.asarray(i, float))
+    return inv, fwd
+
+
+def tile_sample(
+    *, he_path: str | Path, registration: str | Path, xenium_dir: str | Path, out_table: str | Path,
+    out_store: str | Path, out_qc: str | Path | None = None, sample: str | None = None, he_mpp: float | None = None,
+    tile_px: int = 512, stride_px: int = 256, tile_mpp: float = 0.5, out_px: int = 224, min_transcripts: int = 1000,
+    min_tissue_fraction: float = 0.5, thumbnail_mpp: float = 8.0, chunk_tiles: int = 64, grid: int = 14,
+    qv_min: float | None = 20.0, batch_size: int = 2_000_000, codec: str = DEFAULT_IMAGE_CODEC, **_: Any,
+) -> pd.DataFrame:
+    """Tile one sample: tissue mask, grid over the transcript bbox, transcript counts per
+    tile, filtering, then tiles.parquet + tiles.zarr (+ tiles_qc.png)."""
+    from morphomol.io.he import open_slide
+    from morphomol.io.xenium import XeniumBundle
+    from morphomol.registration import Registration
+
+    t_start = time.perf_counter()
+    regj = json.loads(Path(registration).read_text())
+    sample = sample or regj.get("sample") or Path(out_table).parent.name
+    reg = Registration.load(registration)
+    slide = open_slide(he_path, mpp=he_mpp)
+    mpp = float(slide.mpp)
+    bbox = regj.get("transcript_bbox_he")
+    if not bbox or len(bbox) != 4:
+        raise InputError("missing transcript_bbox_he", file=registration, field="transcript_bbox_he",
+                         expected="[x0, y0, x1, y1] in level-0 H&E px")
+    w0, h0 = slide.dimensions
+    bx0, by0 = max(0.0, float(bbox[0])), max(0.0, float(bbox[1]))
+    bx1, by1 = min(float(w0), float(bbox[2])), min(float(h0), float(bbox[3]))
+    if bx1 <= bx0 or by1 <= by0:
+        raise InputError(f"sample {sample}: transcript bbox {bbox} does not overlap the H&E image ({w0}x{h0} px)",
+                         file=registration, field="transcript_bbox_he", expected="a box inside the slide")
+    size = tile_px * tile_mpp / mpp
+    stride = stride_px * tile_mpp / mpp
+    tg = TileGrid.covering((bx0, by0, bx1, by1), size, stride, grid)
+    scale = max(thumbnail_mpp / mpp, 1e-9)
+    thumb = read_downsampled(slide, (bx0, by0, bx1, by1), scale)
+    mask = detect_tissue(thumb)
+    if not mask.any():
+        raise InputError(f"sample {sample}: no tissue found in the transcript-covered area of the H&E "
+                         f"(thumbnail {thumb.shape[1]}x{thumb.shape[0]} px at {thumbnail_mpp:g} µm/px)",
+                         file=he_path, expected="stained tissue (saturated pixels) inside transcript_bbox_he")
+    tissue = tile_tissue_fraction(mask, tg, scale)
+    log.info("%s: grid %dx%d tiles of %.1f px (stride %.1f), tissue %.1f%% of thumbnail, %d tiles on tissue",
+             sample, tg.nx, tg.ny, size, stride, 100 * mask.mean(), int((tissue >= min_tissue_fraction).sum()))
+
+    bundle = XeniumBundle(xenium_dir)
+    genes = sample_genes(bundle)
+    inv, fwd = region_matrices(reg)
+    M, has = um_to_patch_matrices(tg, inv)
+
+    def checked() -> Iterator[Batch]:
+        for b in sample_batches(bundle, reg, genes, batch_size=batch_size, qv_min=qv_min):
+            check_regions(b.region, has, sample)
+            yield b
+
+    t1 = time.perf_counter()
+    cc = count_cells(checked(), tg, M, len(genes))
+    n_tx, region, n_genes = tile_stats(cc, tg)
+    log.info("%s: counted %d transcripts in %.1f s (%d outside the tile grid)", sample, cc.n_seen,
+             time.perf_counter() - t1, cc.n_outside)
+    table = plan_tiles(sample, tg, n_tx, region, n_genes, tissue, min_transcripts=min_transcripts,
+                       min_tissue_fraction=min_tissue_fraction, matrices_px_to_um=fwd)
+    attrs = {"sample": sample, "tile_px": tile_px, "mpp": tile_mpp, "stride": stride_px, "out_px": out_px,
+             "he_mpp": mpp, "grid": tg.to_dict(), "codec": codec, "genes": list(genes)}
+    with atomic_path(out_store) as tmp_store:
+        secs = write_tiles_zarr(tmp_store, slide, table, size_px=size, out_px=out_px, chunk_tiles=chunk_tiles,
+                                codec=codec, attrs=attrs)
+        with atomic_path(out_table) as tmp_table:
+            table.to_parquet(tmp_table, index=False)
+    log.info("%s: %d tiles kept of %d (%.0f tiles/s written) in %.1f s", sample, len(table), n_tx.size,
+             len(table) / max(secs, 1e-9), time.perf_counter() - t_start)
+    qc = Path(out_qc) if out_qc else Path(out_table).with_name("tiles_qc.png")
+    qc_png(qc, thumb, mask, table, tg, scale)
+    slide.close()
+    return table
+
+
+def grid_from_attrs(attrs: dict[str, Any]) -> TileGrid:
+    g = attrs["grid"]
+    return TileGrid(float(g["origin_x"]), float(g["origin_y"]), float(g["size_px"]), float(g["stride_px"]),
+                    int(g["nx"]), int(g["ny"]), int(g["grid"]))
+
+
+def write_pyramidal_tiff(path: str | Path, rgb: np.ndarray, mpp: float, n_levels: int = 3, tile: int = 256,
+                         quality: int = 90) -> None:
+    """Write an RGB pyramid as separate tiled JPEG IFDs (level 0 ``subfiletype=0``, reduced
+    levels ``subfiletype=1``, resolution in cm) — the layout OpenSlide opens as generic-tiff.
+    Used by tests and benchmarks to make synthetic slides."""
+    import tifffile
+    from PIL import Image
+
+    res = 1e4 / mpp  # px per cm
+    with tifffile.TiffWriter(str(path), bigtiff=rgb.nbytes > 2**31) as tw:
+        img = rgb
+        for lvl in range(n_levels):
+            tw.write(img, tile=(tile, tile), compression="jpeg", compressionargs={"level": quality},
+                     photometric="rgb", subfiletype=0 if lvl == 0 else 1,
+                     resolution=(res / 2**lvl, res / 2**lvl), resolutionunit="CENTIMETER")
+            if min(img.shape[:2]) < 2 * tile:
+                break
+            img = np.asarray(Image.fromarray(img).reduce(2))

@@ -1,0 +1,173 @@
+"""Per-sample QC stage: library function on real files, and rule `qc` through Snakemake."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from morphomol.errors import InputError
+from morphomol.io.xenium import CONTROL_PREFIXES
+from morphomol.qc import DensityGrid, check_panel_genes, qc_sample
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).parent / "data"
+SFE = DATA / "xenium_mini_sfe"
+SVS = DATA / "he_images" / "cmu_small_region.svs"
+EXPERIMENT = DATA / "xenium_small_xoa1" / "experiment.xenium"
+
+
+@pytest.fixture()
+def xenium_dir(tmp_path) -> Path:
+    d = tmp_path / "xenium"
+    d.mkdir()
+    shutil.copy(EXPERIMENT, d / "experiment.xenium")
+    shutil.copy(SFE / "transcripts.parquet", d)
+    shutil.copy(SFE / "morphology_focus.ome.tif", d)
+    return d
+
+
+def _reference() -> pd.DataFrame:
+    df = pd.read_parquet(SFE / "transcripts.parquet")
+    return df[~df["feature_name"].str.startswith(CONTROL_PREFIXES) & (df["qv"] >= 20)]
+
+
+def test_qc_sample_outputs(tmp_path, xenium_dir):
+    out = tmp_path / "results" / "c" / "samples" / "s1" / "qc"
+    summary = qc_sample(xenium_dir, SVS, None, out, "s1", qv_min=20.0, batch_size=1000, panel_genes=["AKT1", "CD3E"])
+    assert sorted(p.name for p in out.iterdir()) == ["summary.json", "thumbnail.png", "transcripts_per_gene.csv"]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp leftovers
+    ref = _reference()
+    table = pd.read_csv(out / "transcripts_per_gene.csv")
+    assert list(table.columns) == ["gene", "count"]
+    assert table["gene"].tolist() == sorted(table["gene"])
+    assert dict(zip(table["gene"], table["count"])) == ref["feature_name"].value_counts().to_dict()
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    assert on_disk["n_transcripts"] == len(ref) == 5257
+    assert on_disk["n_rows"] == 5260 and on_disk["n_controls_dropped"] == 3 and on_disk["n_low_qv_dropped"] == 0
+    assert on_disk["n_genes"] == 27 and on_disk["pixel_size"] == pytest.approx(0.2125)
+    x0, y0, x1, y1 = on_disk["xenium_bbox_um"]
+    assert x0 == pytest.approx(ref["x_location"].min(), abs=1e-3) and x1 == pytest.approx(ref["x_location"].max(), abs=1e-3)
+    assert y0 == pytest.approx(ref["y_location"].min(), abs=1e-3) and y1 == pytest.approx(ref["y_location"].max(), abs=1e-3)
+    he = on_disk["he"]
+    assert (he["width"], he["height"], he["mpp"], he["backend"]) == (2220, 2967, pytest.approx(0.499), "openslide")
+    with Image.open(out / "thumbnail.png") as im:
+        assert im.format == "PNG" and im.size[0] > im.size[1] > 200
+
+
+def test_qc_counts_low_qv_and_sheet_mpp(tmp_path, xenium_dir):
+    out = tmp_path / "qc"
+    summary = qc_sample(xenium_dir, SVS, 0.25, out, "s1", qv_min=35.0, batch_size=4096)
+    df = pd.read_parquet(SFE / "transcripts.parquet")
+    gene = ~df["feature_name"].str.startswith(CONTROL_PREFIXES)
+    assert summary["n_low_qv_dropped"] == int((gene & (df["qv"] < 35)).sum()) > 0
+    assert summary["n_transcripts"] == int((gene & (df["qv"] >= 35)).sum())
+    assert summary["he"]["mpp"] == 0.25 and summary["he"]["mpp_source"] == "he_mpp argument"
+    # every gene present in the file is listed, even when the qv filter removed all its rows
+    assert len(pd.read_csv(out / "transcripts_per_gene.csv")) == 27
+
+
+def test_check_panel_genes_lists_missing():
+    check_panel_genes(["A", "B", "C"], ["A", "C"], "s1", "t.parquet")
+    with pytest.raises(InputError) as info:
+        check_panel_genes(["A", "B"], ["A", "ZZZ", "MISSING1"], "s1", "x/transcripts.parquet")
+    msg = str(info.value)
+    assert "x/transcripts.parquet" in msg and "s1" in msg and "2 panel gene(s)" in msg
+    assert "MISSING1, ZZZ" in msg
+
+
+def test_missing_panel_gene_fails_without_output_and_keeps_previous(tmp_path, xenium_dir):
+    out = tmp_path / "qc"
+    with pytest.raises(InputError, match="NOT_A_GENE"):
+        qc_sample(xenium_dir, SVS, None, out, "s1", panel_genes=["AKT1", "NOT_A_GENE"])
+    assert not out.exists() and list(tmp_path.glob(".qc*")) == []
+    # a previous good result is left untouched by a failing re-run
+    qc_sample(xenium_dir, SVS, None, out, "s1")
+    before = (out / "summary.json").read_bytes()
+    with pytest.raises(InputError, match="set he_mpp"):
+        png = tmp_path / "he.png"
+        Image.new("RGB", (64, 64), "white").save(png)
+        qc_sample(xenium_dir, png, None, out, "s1")
+    assert (out / "summary.json").read_bytes() == before
+
+
+def test_density_grid_streaming_equals_one_shot():
+    rng = np.random.default_rng(1)
+    x = rng.uniform(-50, 300, 5000).astype(np.float32)
+    y = rng.uniform(100, 180, 5000).astype(np.float32)
+    g = DensityGrid(10.0)
+    for i in range(0, 5000, 700):  # batches reach out in every direction
+        g.add(x[i : i + 700], y[i : i + 700])
+    one = DensityGrid(10.0)
+    one.add(x, y)
+    np.testing.assert_array_equal(g.counts, one.counts)
+    assert g.counts.sum() == 5000
+    x0, y0, x1, y1 = g.extent_um
+    assert x0 <= x.min() and x1 > x.max() and y0 <= y.min() and y1 > y.max()
+
+
+def test_density_grid_coarsens_for_stray_coordinates():
+    g = DensityGrid(10.0, max_bins=64)
+    g.add(np.array([0.0, 5.0, 15.0], np.float32), np.array([0.0, 0.0, 12.0], np.float32))
+    g.add(np.array([5000.0], np.float32), np.array([-3000.0], np.float32))  # far away
+    assert max(g.counts.shape) <= 64 and g.counts.sum() == 4
+    assert g.bin_um == 80.0  # 5000 µm x-span needs 63 bins of 80 µm (40 µm would need 126)
+    x0, y0, x1, y1 = g.extent_um
+    assert x0 <= 0 and x1 > 5000 and y0 <= -3000 and y1 > 12
+
+
+# ---------------------------------------------------------------- rule qc through Snakemake
+# A stand-in for workflow/rules/common.smk providing the documented helpers (COHORTS, ccfg,
+# sample_field, SAMPLE_DIR); cohort "bad" has a panel gene that the sample lacks.
+SNAKEFILE = """
+import pandas as pd
+SAMPLE_DIR = "results/{{cohort}}/samples/{{sample}}"
+wildcard_constraints:
+    cohort="[A-Za-z0-9_.-]+",
+    sample="[A-Za-z0-9_.-]+",
+_sheet = pd.DataFrame({{"sample_id": ["s1"], "patient_id": ["p1"], "xenium_dir": ["{xenium}"],
+                       "he_path": ["{he}"], "he_mpp": [float("nan")]}}).set_index("sample_id", drop=False)
+def _cohort(addon):
+    return {{"io": {{"qv_min": 20.0, "batch_size": 1000}}, "samples": _sheet,
+            "panel": {{"mode": "yaml", "core": ["AKT1", "CD3D"], "addon": addon}}}}
+COHORTS = {{"good": _cohort(["CD3E"]), "bad": _cohort(["CD3E", "NOT_IN_SAMPLE"])}}
+def ccfg(w, section):
+    return COHORTS[w.cohort][section]
+def sample_field(name):
+    return lambda w: COHORTS[w.cohort]["samples"].loc[w.sample, name]
+include: "{rules}"
+"""
+
+
+def test_rule_qc_runs_and_fails_on_missing_panel_gene(tmp_path, xenium_dir):
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    (wd / "Snakefile").write_text(textwrap.dedent(SNAKEFILE.format(
+        xenium=xenium_dir, he=SVS, rules=ROOT / "workflow" / "rules" / "qc.smk")))
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "results/good/samples/s1/qc", "results/bad/samples/s1/qc",
+         "-s", str(wd / "Snakefile"), "--directory", str(wd), "--cores", "1", "--keep-going",
+         "--workflow-profile", "none", "--quiet", "rules"],
+        capture_output=True, text=True, env=env, timeout=300, cwd=wd,
+    )
+    assert proc.returncode != 0  # the "bad" job failed
+    log = (wd / "results/bad/logs/qc/s1.log").read_text()
+    assert "NOT_IN_SAMPLE" in log and "panel gene(s) absent" in log and str(xenium_dir) in log
+    assert not (wd / "results/bad/samples/s1/qc").exists()
+    qc_dir = wd / "results/good/samples/s1/qc"
+    summary = json.loads((qc_dir / "summary.json").read_text())
+    assert summary["sample"] == "s1" and summary["n_transcripts"] == 5257 and summary["panel_genes_checked"] == 3
+    assert summary["qv_min"] == 20.0 and summary["he"]["mpp"] == pytest.approx(0.499)  # NaN he_mpp -> file's MPP
+    assert (qc_dir / "thumbnail.png").stat().st_size > 0
+    assert "rule qc done" in (wd / "results/good/logs/qc/s1.log").read_text()

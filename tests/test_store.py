@@ -1,0 +1,131 @@
+"""Stores written by the tile/tokens stages, read back through the chunk-shuffling loader."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from morphomol import store, tokens
+from morphomol.errors import InputError
+from morphomol.splits import splits_cohort
+from morphomol.tiling import tile_sample
+from test_tiling import GENES, SMALL, make_sample
+
+PANEL = {"mode": "yaml", "core": GENES[:8], "addon": GENES[8:]}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cohort")
+    cdir = root / "results" / "demo"
+    samples, patients, tiles = ["A", "B", "C"], ["P0", "P1", "P2"], []
+    for i, s in enumerate(samples):
+        src = make_sample(root / "raw", s, seed=i, n_tx=25000, regions=2 if i == 1 else 1)
+        d = cdir / "samples" / s
+        tile_sample(he_path=src["he"], registration=src["registration"], xenium_dir=src["xenium"],
+                    out_table=d / "tiles.parquet", out_store=d / "tiles.zarr", **SMALL)
+        tokens.tokens_sample(tiles=d / "tiles.parquet", tiles_store=d / "tiles.zarr", registration=src["registration"],
+                             xenium_dir=src["xenium"], out_tokens=d / "tokens.zarr", out_counts=d / "counts.h5ad",
+                             out_targets=d / "targets.parquet", panel=PANEL, batch_size=5000, buffer_size=9000)
+        tiles.append(d / "tiles.parquet")
+    splits_cohort(tiles=tiles, samples=samples, patients=patients,
+                  out=[cdir / f"splits/fold{k}.parquet" for k in range(3)], n_folds=3, val_fraction=0.5, seed=0)
+    (cdir / "panels").mkdir()
+    for k in range(3):
+        (cdir / f"panels/fold{k}.json").write_text(json.dumps(PANEL))
+    return cdir
+
+
+def test_tokens_outputs(cohort):
+    import anndata as ad
+
+    d = cohort / "samples" / "B"
+    t = pd.read_parquet(d / "tiles.parquet")
+    st = store.SampleStore(d)
+    tc = st.read_tile_counts()
+    np.testing.assert_array_equal(tc.sum(axis=1), t["n_transcripts"])
+    ip, tk, gn, ct = st.read_tokens(0, st.n_tiles)
+    dense = store.tokens_to_dense(ip, tk, gn, ct, np.arange(len(st.genes)), len(st.genes))
+    np.testing.assert_array_equal(dense.sum(axis=1), tc)
+    assert tk.max() < 196 and st.genes == GENES
+    a = ad.read_h5ad(d / "counts.h5ad")
+    assert list(a.obs_names) == list(t["tile_id"]) and "n_transcripts" in a.obs
+    np.testing.assert_array_equal(a.X.toarray(), tc)
+    tg = pd.read_parquet(d / "targets.parquet")
+    assert list(tg.columns) == ["tile_id"] + GENES[8:]
+    np.testing.assert_array_equal(tg[GENES[8:]].to_numpy(), tc[:, 8:])
+
+
+def _epoch(loader, epoch=None):
+    if epoch is not None:
+        loader.set_epoch(epoch)
+    return list(loader)
+
+
+def test_loader_covers_partition_and_matches_stores(cohort):
+    split = store.load_split(cohort, 0)
+    fit = split[split.partition == "fit"]
+    ld = store.make_loader(cohort, 0, "fit", batch_size=16, shuffle=True, seed=3, buffer_chunks=2)
+    batches = _epoch(ld, 0)
+    assert len(batches) == len(ld) == -(-len(fit) // 16)
+    ids = [i for b in batches for i in b["tile_id"]]
+    assert sorted(ids) == sorted(fit["tile_id"]) and len(set(ids)) == len(ids)
+    b = batches[1]
+    B = len(b["tile_id"])
+    assert b["image"].dtype == torch.uint8 and b["image"].shape == (B, 224, 224, 3)
+    assert b["tokens"].shape == (B, 196, 8) and b["tokens"].dtype == torch.float32
+    assert b["tile_counts"].shape == (B, 8) and b["targets"].shape == (B, 4)
+    for j in (0, B - 1):
+        s, idx = b["tile_id"][j].split("__")
+        st = store.SampleStore(cohort / "samples" / s)
+        i = int(idx)
+        assert int(b["index"][j]) == i
+        np.testing.assert_array_equal(b["image"][j].numpy(), st.read_images(i, i + 1)[0])
+        tc = st.read_tile_counts(i, i + 1)[0]
+        np.testing.assert_array_equal(b["tile_counts"][j].numpy(), tc[:8])
+        np.testing.assert_allclose(b["targets"][j].numpy(), np.log1p(tc[8:]), rtol=1e-6)
+        ref = store.tokens_to_dense(*st.read_tokens(i, i + 1), np.arange(8), len(st.genes))[0]
+        np.testing.assert_array_equal(b["tokens"][j].numpy(), ref)
+
+
+def test_shuffle_is_epoch_deterministic_and_workers_agree(cohort):
+    mk = lambda w, fmt="dense": store.make_loader(cohort, 0, ["fit", "val"], batch_size=16, seed=1, num_workers=w,
+                                                  buffer_chunks=2, token_format=fmt, images=False)
+    l0 = mk(0)
+    e0 = [b["tile_id"] for b in _epoch(l0, 0)]
+    e0b = [b["tile_id"] for b in _epoch(l0, 0)]
+    e1 = [b["tile_id"] for b in _epoch(l0, 1)]
+    assert e0 == e0b and e0 != e1
+    auto = [[b["tile_id"] for b in _epoch(l0)] for _ in range(2)]  # auto-advancing epochs: 2, 3
+    assert auto[0] != auto[1]
+    l2 = mk(2)
+    w0 = [b["tile_id"] for b in _epoch(l2, 0)]
+    w1 = [b["tile_id"] for b in _epoch(l2, 1)]
+    assert sorted(map(tuple, w0)) == sorted(map(tuple, e0))  # same batches, worker-interleaved order
+    assert sorted(map(tuple, w1)) == sorted(map(tuple, e1))
+    # COO tokens densify to the dense ones
+    lc = mk(0, "coo")
+    for bd, bc in zip(_epoch(l0, 5), _epoch(lc, 5)):
+        assert bd["tile_id"] == bc["tile_id"]
+        torch.testing.assert_close(store.densify_tokens(bc), bd["tokens"])
+
+
+def test_eval_order_and_tile_arrays(cohort):
+    ld = store.make_loader(cohort, 1, "test", batch_size=10, shuffle=False, images=False, tokens=False)
+    ids = [i for b in ld for i in b["tile_id"]]
+    split = store.load_split(cohort, 1)
+    assert ids == list(split.loc[split.partition == "test", "tile_id"])
+    ta = store.load_tile_arrays(cohort, 1)
+    assert ta.core.shape == (len(split), 8) and ta.targets.shape == (len(split), 4)
+    te = ta.subset("test")
+    assert list(te.tile_id) == ids
+    first = next(iter(store.make_loader(cohort, 1, "test", batch_size=10, shuffle=False, images=False)))
+    np.testing.assert_array_equal(first["tile_counts"].numpy(), te.core[:10])
+    np.testing.assert_allclose(first["targets"].numpy(), te.targets[:10], rtol=1e-6)
+    with pytest.raises(InputError, match="not in this sample"):
+        store.make_loader(cohort, 1, "test", panel={"core": ["NOPE"], "addon": ["G09"]}, shuffle=False).__iter__().__next__()
