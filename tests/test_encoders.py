@@ -298,7 +298,7 @@ def test_geneformer_rank_value_tokens_and_pooling(tmp_path):
     enc = create_encoder("geneformer", d)
     assert enc.spec.kind == "expression" and enc.dim == 16 and enc.max_len == 6
     counts = np.array([
-        [10, 1, 4, 0, 50],   # norm: CD3E 10/15, MS4A1 1/15/0.1, EPCAM 4/15/2 -> MS4A1, CD3E, EPCAM
+        [10, 2, 4, 0, 50],   # /66 total: CD3E 10/1, MS4A1 2/0.1, EPCAM 4/2 -> MS4A1, CD3E, EPCAM
         [0, 0, 0, 0, 7],     # nothing in the vocabulary -> just <cls> <eos>
         [1, 1, 8, 2, 0],     # EPCAM 4, MS4A1 10, PTPRC 2, CD3E 1 -> top 4 = budget (6 - 2 specials)
     ])

@@ -502,7 +502,7 @@ def test_error_wrong_header_and_singular_matrix(scene, tmp_path):
     kp = tmp_path / "keypoints.csv"
     kp.write_text("x,y,u,v\n1,2,3,4\n5,6,7,8\n9,1,2,3\n")
     msg = _expect_error(scene, tmp_path, "header", alignment=kp)
-    assert "fixedX,fixedY,alignmentX,alignmentY" in msg
+    assert "fixedX,fixedY,alignmentX,alignmentY" in msg and "sample S1" in msg and "keypoints.csv" in msg
     mat = tmp_path / "m.csv"
     mat.write_text("1,2,0\n2,4,0\n0,0,1\n")
     _expect_error(scene, tmp_path, "singular", alignment=mat)

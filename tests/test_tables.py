@@ -380,3 +380,62 @@ def test_pretrained_read_from_runs(cohort: Path) -> None:
     a1 = T.build_table_a1(SETTINGS, res, encoders_cfg={}, n_folds=4).set_index("setting")
     assert a1.loc["morph_vit_s", "morph_init"] == "pretrained"  # metrics.json wins over the config
     assert a1.loc["late_concat_token", "morph_init"] == "random-init"  # no field: config (no vit_s weights)
+
+
+REPO = Path(__file__).resolve().parents[1]
+FAKE_COMMON = '''
+import pandas as pd
+COHORTS = {"demo": {"samples": pd.DataFrame({"he_path": ["he.tif"], "he_mpp": [0.5]}, index=pd.Index(["s1"], name="sample_id")),
+                    "splits": {"n_folds": 4}, "encoders": {}, "tables": {"ridge": False},
+                    "experiments": {"clip_settings": ["clip_token", "clip_tile"]}}}
+SETTINGS = %(settings)r
+SAMPLE_DIR = "results/{cohort}/samples/{sample}"
+def ccfg(w, section):
+    return COHORTS[w if isinstance(w, str) else w.cohort].get(section, {})
+def _clean(v):
+    return None if v is None or v != v or v == "" else v
+def samples_of(c): return list(COHORTS[c]["samples"].index)
+def folds_of(c): return [0, 1, 2, 3]
+def feature_encoders(c): return []
+def runnable_runs(c):
+    return [f"results/{c}/runs/{s}/fold{k}" for s, d in SETTINGS.items() if not d["requires_weights"] for k in folds_of(c)]
+include: "%(smk)s"
+report: "%(report)s"
+'''
+
+
+def test_tables_rule_runs_in_snakemake(tmp_path: Path) -> None:
+    """workflow/rules/tables.smk + scripts/tables.py under real Snakemake (common.smk stand-in)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "Snakefile").write_text(FAKE_COMMON % {
+        "settings": SETTINGS, "smk": REPO / "workflow" / "rules" / "tables.smk",
+        "report": REPO / "workflow" / "report" / "workflow.rst"})
+    cohort_dir = tmp_path / "results" / "demo"
+    for s, vals in FOLDS.items():
+        for k, (sp, pe, mse) in enumerate(vals):
+            write_run(cohort_dir, s, k, regression_payload(s, k, sp, pe, mse))
+    for s, vals in CLIP.items():
+        for k, (r1, r5) in enumerate(vals):
+            write_run(cohort_dir, s, k, {"setting": s, "fold": k, "kind": "clip", "status": "ok", "recall@1": r1,
+                                         "recall@5": r5, "random_recall@1": 1 / 256, "random_recall@5": 5 / 256})
+    snakemake = [sys.executable, "-m", "snakemake", "-c1"]
+    res = subprocess.run([*snakemake, "results/demo/tables/table_a1.csv"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a1 = pd.read_csv(cohort_dir / "tables" / "table_a1.csv").set_index("setting")
+    assert a1.loc["morph_conch", "status"] == "missing weights: conch (set encoders.conch.weights)"
+    assert a1.loc["late_concat_token", "spearman_mean"] == pytest.approx(0.82)
+    assert "Holm" not in (cohort_dir / "tables" / "ttests.csv").read_text()  # a CSV, not prose
+    assert (cohort_dir / "logs" / "tables" / "tables.log").read_text().count("rule tables done") == 1
+    meta = json.loads((cohort_dir / "tables" / "run_metadata.json").read_text())
+    assert meta["cohort"] == "demo" and meta["config"]["samples"][0]["sample_id"] == "s1"
+    # the plots rule asks for the tables, predictions of regression runs only, tiles, tokens, panel
+    res = subprocess.run([*snakemake, "-n", "results/demo/tables/plots"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode != 0
+    missing = res.stderr + res.stdout
+    assert "runs/late_concat_token/fold0/predictions.parquet" in missing
+    assert "clip_token/fold0/predictions.parquet" not in missing
+    assert "samples/s1/tokens.zarr" in missing and "panels/fold0.json" in missing

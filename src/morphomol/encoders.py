@@ -765,12 +765,14 @@ def _timm_builder(model_name: str, *, select_prefix: Sequence[str] = (), ignore:
                 kwargs[key] = _resolve_layer(kwargs[key])
         kwargs.setdefault("num_classes", 0)
         kwargs["global_pool"] = "token"
+        sd = None
+        if weights is not None:  # read (and validate) the file before building a large model
+            sd = adapt_state_dict(read_state_dict(weights, spec), select_prefix=select_prefix, ignore_prefixes=ignore)
         try:
             model = _build_random(lambda: timm.create_model(model_name, pretrained=False, **kwargs), seed)
         except (TypeError, AssertionError, ValueError) as exc:
             raise InputError(f"cannot build {model_name} with {arch}: {exc}", field=f"encoders.{spec.name}.overrides") from None
-        if weights is not None:
-            sd = adapt_state_dict(read_state_dict(weights, spec), select_prefix=select_prefix, ignore_prefixes=ignore)
+        if sd is not None:
             load_weights_into(model, sd, source=weights, encoder=spec.name)
         return TimmViTEncoder(spec, model, config={**enc, "arch": _jsonable(arch)}, weights_id=_weights_id(weights, seed))
 
@@ -815,13 +817,15 @@ def _build_conch(spec: EncoderSpec, weights: Path | None, overrides: Mapping[str
         trunk = timm.create_model("vit_base_patch16_224", pretrained=False, **trunk_kwargs)
         return _ConchVisual(trunk, embed_dim, heads)
 
-    model = _build_random(make, seed)
+    sd = None
     if weights is not None:
         sd = adapt_state_dict(
             read_state_dict(weights, spec),
             select_prefix=("visual.",),
             ignore_prefixes=("attn_pool_caption.", "ln_caption.", "head.", "trunk.head.", "trunk.fc_norm."),
         )
+    model = _build_random(make, seed)
+    if sd is not None:
         load_weights_into(model, sd, source=weights, encoder=spec.name)
     return ConchEncoder(spec, model, config={**enc, "arch": _jsonable({**arch, "contrast_dim": embed_dim})},
                         weights_id=_weights_id(weights, seed))
@@ -843,6 +847,40 @@ def _read_hf_config(directory: Path, cls: Any, name: str) -> Any:
         raise InputError(f"unreadable config.json ({exc})", file=cfg_path, expected="a transformers config") from None
 
 
+def _hf_from_state_dict(model_cls: Any, config: Any, sd: dict[str, torch.Tensor] | None, *, source: Path | None,
+                        encoder: str, seed: int, **kwargs: Any) -> nn.Module:
+    """Build a transformers model, random (seeded) or from ``sd`` through transformers' own loader,
+    which maps legacy checkpoint key layouts (``encoder.layer.N.attention.attention.query``...)
+    onto the current module names; any missing/unexpected/mismatched key is an InputError."""
+    if sd is None:
+        return _build_random(lambda: model_cls(config, **kwargs), seed)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model, info = model_cls.from_pretrained(None, config=config, state_dict=sd, output_loading_info=True,
+                                                ignore_mismatched_sizes=True, **kwargs)
+    problems = []
+    if info.get("missing_keys"):
+        problems.append(f"missing keys: {_first(sorted(info['missing_keys']))}")
+    if info.get("unexpected_keys"):
+        problems.append(f"unexpected keys: {_first(sorted(info['unexpected_keys']))}")
+    if info.get("mismatched_keys"):
+        mm = [f"{k}: file {tuple(a)} vs model {tuple(b)}" for k, a, b in sorted(info["mismatched_keys"], key=str)]
+        problems.append(f"mismatched shapes: {_first(mm, 3)}")
+    if info.get("error_msgs"):
+        problems.append("; ".join(str(e) for e in info["error_msgs"][:3]))
+    if problems:
+        raise InputError(
+            f"weights do not fit encoder '{encoder}' ({'; '.join(problems)})",
+            file=source,
+            field="weights",
+            expected=f"a state dict of the '{encoder}' architecture matching its config.json",
+        )
+    return model.float().eval()
+
+
 def _hf_vision_builder(config_name: str, model_name: str, *, pooler: bool) -> Callable[..., Encoder]:
     """transformers vision backbone (ViTModel / Dinov2Model) from a local HF dir or a weights file
     (geometry then from the spec defaults + overrides)."""
@@ -859,11 +897,11 @@ def _hf_vision_builder(config_name: str, model_name: str, *, pooler: bool) -> Ca
         else:
             config = config_cls(**arch)
         kwargs = {"add_pooling_layer": False} if pooler else {}
-        model = _build_random(lambda: model_cls(config, **kwargs), seed)
+        sd = None
         if weights is not None:
             sd = adapt_state_dict(read_state_dict(weights, spec), select_prefix=("vit.", "dinov2."),
                                   ignore_prefixes=("pooler.", "classifier."))
-            load_weights_into(model, sd, source=weights, encoder=spec.name)
+        model = _hf_from_state_dict(model_cls, config, sd, source=weights, encoder=spec.name, seed=seed, **kwargs)
         return HFViTEncoder(spec, model, config={**enc, "arch": _jsonable(config.to_diff_dict())},
                             weights_id=_weights_id(weights, seed))
 
@@ -889,10 +927,12 @@ def _build_loki(spec: EncoderSpec, weights: Path | None, overrides: Mapping[str,
         raise InputError(f"unknown overrides {sorted(arch)}", field="encoders.loki.overrides",
                          expected=f"embed_dim or CLIPVisionCfg fields {sorted(fields)}")
     quick_gelu = bool(cfg.get("quick_gelu", False))
-    model = _build_random(lambda: _build_vision_tower(embed_dim, CLIPVisionCfg(**vision), quick_gelu, None), seed)
-    enc.setdefault("input_size", int(vision.get("image_size", 224)))
+    sd = None
     if weights is not None:
         sd = adapt_state_dict(read_state_dict(weights, spec), select_prefix=("visual.",))
+    model = _build_random(lambda: _build_vision_tower(embed_dim, CLIPVisionCfg(**vision), quick_gelu, None), seed)
+    enc.setdefault("input_size", int(vision.get("image_size", 224)))
+    if sd is not None:
         load_weights_into(model, sd, source=weights, encoder=spec.name)
     return OpenClipVisualEncoder(spec, model, embed_dim, config={**enc, "arch": {"embed_dim": embed_dim, "vision_cfg": _jsonable(vision)}},
                                  weights_id=_weights_id(weights, seed))
@@ -917,11 +957,11 @@ def _build_geneformer(spec: EncoderSpec, weights: Path | None, overrides: Mappin
     token_dict = _read_dict_file(weights, ("token_dictionary",), required=True)
     medians = _read_dict_file(weights, ("gene_median_dictionary",), required=True)
     names = _read_dict_file(weights, ("gene_name_id_dict",), required=False)
-    model = _build_random(lambda: BertModel(config, add_pooling_layer=False), seed)
     sd = adapt_state_dict(read_state_dict(weights, spec), select_prefix=("bert.",),
                           ignore_prefixes=("pooler.", "cls.", "classifier."))
     sd.pop("embeddings.position_ids", None)
-    load_weights_into(model, sd, source=weights, encoder=spec.name)
+    model = _hf_from_state_dict(BertModel, config, sd, source=weights, encoder=spec.name, seed=seed,
+                                add_pooling_layer=False)
     assert token_dict is not None and medians is not None
     return GeneformerEncoder(spec, model, token_dict, medians, names, config=enc, weights_id=_weights_id(weights, seed))
 
@@ -1029,6 +1069,9 @@ def create_encoder(
         )
     if wpath is not None and not wpath.exists():
         raise InputError("weights not found", file=wpath, field=f"encoders.{name}.weights", expected=_expected_text(spec))
+    if wpath is not None and _format_of(wpath) not in spec.weight_formats:
+        raise InputError(f"unsupported weights format '{_format_of(wpath)}'", file=wpath,
+                         field=f"encoders.{name}.weights", expected=_expected_text(spec))
     enc = spec.builder(spec, wpath, overrides, seed)
     enc.freeze()
     if device is not None:

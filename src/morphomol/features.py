@@ -252,6 +252,32 @@ def extract_features(
             if patch_tokens:
                 toks = out.create_array("tokens", shape=(n, n_tokens, dim),
                                         chunks=(max(1, min(chunk, rows)), n_tokens, dim), dtype="float16")
+            pending: list[tuple[int, int, torch.Tensor, torch.Tensor | None, Any]] = []
+
+            def to_host(x: torch.Tensor) -> torch.Tensor:
+                if not x.is_cuda:
+                    return x
+                host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+                host.copy_(x, non_blocking=True)
+                return host
+
+            def flush(keep: int) -> None:
+                # write finished blocks; on CUDA the newest block keeps computing meanwhile
+                nonlocal done, last_log
+                while len(pending) > keep:
+                    ps, pe, pf, pt, ev = pending.pop(0)
+                    if ev is not None:
+                        ev.synchronize()
+                    feats[ps:pe] = pf.numpy()
+                    if toks is not None and pt is not None:
+                        toks[ps:pe] = pt.numpy()
+                    done = pe
+                    now = time.perf_counter()
+                    if now - last_log >= log_every_s or pe == n:
+                        rate = done / max(now - t0, 1e-9)
+                        log.info("features %s: %d/%d tiles (%.1f tiles/s)", encoder_name, done, n, rate)
+                        last_log = now
+
             for s, e, block in reader:
                 if spec.kind == "image":
                     block = block.to(dev, non_blocking=True)
@@ -261,15 +287,15 @@ def extract_features(
                     outs.append(f)
                     if t is not None:
                         touts.append(t)
-                feats[s:e] = torch.cat(outs).cpu().numpy()
-                if toks is not None:
-                    toks[s:e] = torch.cat(touts).cpu().numpy()
-                done = e
-                now = time.perf_counter()
-                if now - last_log >= log_every_s or e == n:
-                    rate = done / max(now - t0, 1e-9)
-                    log.info("features %s: %d/%d tiles (%.1f tiles/s)", encoder_name, done, n, rate)
-                    last_log = now
+                hf = to_host(torch.cat(outs))
+                ht = to_host(torch.cat(touts)) if touts else None
+                ev = None
+                if cuda:
+                    ev = torch.cuda.Event()
+                    ev.record()
+                pending.append((s, e, hf, ht, ev))
+                flush(keep=1 if cuda else 0)
+            flush(keep=0)
             if done != n:
                 raise RuntimeError(f"feature extraction stopped at {done} of {n} tiles")
             out.attrs.update(

@@ -165,7 +165,8 @@ def robust_fit(src: np.ndarray, dst: np.ndarray, *, method: str = "trim", thresh
     """Affine fit with outlier flagging.
 
     ``trim``: repeatedly drop the landmark with the largest LOO residual while it exceeds both
-    ``threshold_um`` and ``n_sigma`` robust sigmas (1.4826·median of the LOO residual norms).
+    ``threshold_um`` and ``n_sigma`` robust sigmas (1.4826·median of the LOO residual norms of
+    the other landmarks, fitted without the candidate).
     ``ransac``: exact fits of landmark triples (all, or 2000 random ones, seeded); the largest
     consensus set within ``threshold_um`` wins and is refitted. ``none``: plain least squares.
     At least 3 landmarks are always kept.
@@ -180,8 +181,12 @@ def robust_fit(src: np.ndarray, dst: np.ndarray, *, method: str = "trim", thresh
             r = np.linalg.norm(loo_residuals(src[idx], dst[idx]), axis=1)
             if not np.all(np.isfinite(r)):
                 break
-            sigma = 1.4826 * float(np.median(r))
             worst = int(np.argmax(r))
+            rest = np.delete(idx, worst)
+            # scale of the others' LOO residuals, from a fit without the candidate (an outlier
+            # inflates every LOO residual of a fit that includes it)
+            r_rest = np.linalg.norm(loo_residuals(src[rest], dst[rest]), axis=1)
+            sigma = 1.4826 * float(np.median(r_rest if np.all(np.isfinite(r_rest)) else np.delete(r, worst)))
             if r[worst] > threshold_um and r[worst] > n_sigma * sigma:
                 inl[idx[worst]] = False
             else:
@@ -620,8 +625,9 @@ def _ncc(a: np.ndarray, b: np.ndarray, m: np.ndarray) -> float:
     b = b[m].astype(np.float64)
     a = a - a.mean()
     b = b - b.mean()
-    d = math.sqrt(float(a @ a) * float(b @ b))
-    return float(a @ b) / d if d > 0 else -1.0
+    # einsum, not BLAS: a threaded dot of this size is slower under load than a plain loop
+    d = math.sqrt(float(np.einsum("i,i->", a, a)) * float(np.einsum("i,i->", b, b)))
+    return float(np.einsum("i,i->", a, b)) / d if d > 0 else -1.0
 
 
 def _robust_norm(x: np.ndarray) -> np.ndarray:
@@ -1010,15 +1016,18 @@ def register_sample(*, xenium: Any, he: Any, out_json: str | Path, out_qc: str |
         morph_wh = None
 
     inputs: dict[str, str] = {}
-    polygons = read_regions_geojson(regions) if regions is not None else None
+    try:
+        polygons = read_regions_geojson(regions) if regions is not None else None
+        parsed = read_alignment(alignment) if alignment is not None else None
+    except InputError as exc:  # name the sample too
+        raise InputError(f"sample {sample}: {exc.message}") from None
     if regions is not None:
         inputs[Path(regions).name] = sha256_file(regions)
-    parsed = read_alignment(alignment) if alignment is not None else None
     if alignment is not None:
         inputs[Path(alignment).name] = sha256_file(alignment)
 
     dapi: Raster | None = None
-    if morph_wh is not None and (refine != "never" or parsed is None):
+    if morph_wh is not None:  # for refinement and for the QC overlay
         dapi = load_dapi(bundle, refine_mpp)
     full_um = [0.0, 0.0, morph_wh[0] * ps, morph_wh[1] * ps] if morph_wh else None
 

@@ -123,11 +123,14 @@ def ridge_baseline(
     n_components: int = DEFAULT_COMPONENTS,
     inner_folds: int = DEFAULT_INNER_FOLDS,
     genes: Sequence[str] | None = None,
+    select_by: str = "mse",
 ) -> dict[str, Any]:
     """Fit the HEST-style ridge probe and score it on the test rows.
 
-    The alpha maximising the mean (over genes) Pearson of out-of-fold predictions in an inner
-    GroupKFold over ``train_groups`` (patients) is refitted on all training rows. Returns
+    The alpha with the lowest out-of-fold MSE (``select_by="pearson"``: highest mean per-gene
+    Pearson) in an inner GroupKFold over ``train_groups`` (patients) is refitted on all training
+    rows. MSE is the default criterion because Pearson of heavily shrunk, near-constant
+    predictions is unstable. Returns
     ``alpha``, ``cv`` (alpha -> inner mean Pearson/MSE), ``n_components``, ``pred`` (test
     predictions), ``pearson`` (per-gene array), ``per_gene`` and ``mean`` metric dicts (when
     ``test_Y`` is given).
@@ -147,6 +150,8 @@ def ridge_baseline(
         raise InputError(f"train rows differ: X {len(xtr)}, Y {len(ytr)}, groups {len(groups)}", field="train")
     if len(xtr) < 2:
         raise InputError(f"ridge needs at least 2 training tiles, got {len(xtr)}", field="train")
+    if select_by not in ("mse", "pearson"):
+        raise InputError(f"select_by must be mse or pearson, not {select_by!r}", field="ridge.select_by")
     alphas = [float(a) for a in (alphas if alphas is not None else DEFAULT_ALPHAS)]
     if not alphas or any(a <= 0 for a in alphas):
         raise InputError(f"alphas must be positive, got {alphas}", field="ridge.alphas")
@@ -172,7 +177,7 @@ def ridge_baseline(
             mean_r = float(np.nanmean(r)) if np.isfinite(r).any() else float("-inf")
             mse = float(((ytr - p) ** 2).mean())
             cv[repr(a)] = {"pearson": mean_r if np.isfinite(mean_r) else None, "mse": mse}
-            scores.append((mean_r, -mse))
+            scores.append((-mse, mean_r) if select_by == "mse" else (mean_r, -mse))
         best = alphas[max(range(len(alphas)), key=lambda i: scores[i])]
     proj = _Projector(n_components, seed).fit(xtr)
     pred = _ridge_fit_predict(proj.transform(xtr), ytr, proj.transform(xte), [best])[0]
@@ -288,6 +293,7 @@ def run_ridge_fold(
     inner_folds: int = DEFAULT_INNER_FOLDS,
     seed: int = 0,
     train_partitions: Sequence[str] = ("fit", "val"),
+    select_by: str = "mse",
 ) -> dict[str, Any]:
     """One outer fold: train on ``train_partitions`` (fit+val; alpha is chosen by inner grouped
     CV), test on ``test``; write metrics.json (kind regression) and predictions.parquet."""
@@ -302,7 +308,8 @@ def run_ridge_fold(
              int(tr.sum()), meta.loc[tr, "patient_id"].nunique(), int(te.sum()), len(genes), data["X"].shape[1])
     res = ridge_baseline(data["X"][tr], data["Y"][tr], meta.loc[tr, "patient_id"].astype(str).to_numpy(),
                          data["X"][te], data["Y"][te], alphas=alphas, seed=seed,
-                         n_components=n_components, inner_folds=inner_folds, genes=genes)
+                         n_components=n_components, inner_folds=inner_folds, genes=genes,
+                         select_by=select_by)
     seconds = time.perf_counter() - t0
     log.info("ridge %s fold %d: alpha %.3g, %d components, mean pearson %s", encoder, fold, res["alpha"],
              res["n_components"], res["mean"]["pearson"])
@@ -326,6 +333,7 @@ def run_ridge_fold(
         "encoder": encoder,
         "alpha": res["alpha"],
         "alpha_cv": res["cv"],
+        "alpha_selected_by": select_by,
         "n_components": res["n_components"],
         "inner_folds": res["n_inner_folds"],
         "train_partitions": list(train_partitions),
@@ -363,5 +371,6 @@ def run_rule(smk: Any) -> dict[str, Any]:
         alphas=cfg.get("alphas"),
         n_components=int(cfg.get("n_components", DEFAULT_COMPONENTS)),
         inner_folds=int(cfg.get("inner_folds", DEFAULT_INNER_FOLDS)),
+        select_by=str(cfg.get("select_by", "mse")),
         seed=int(smk.params.seed),
     )

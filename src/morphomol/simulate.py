@@ -521,8 +521,27 @@ def simulate_sample(
 ) -> dict[str, Any]:
     """Simulate one paired sample into ``out_dir`` and return its ground truth (``truth.json``).
 
-    Deterministic in ``(seed, sample_id, patient_id, gene lists, parameters)``. The whole
-    directory is written under a temporary name and renamed on success.
+    Parameters (µm unless stated):
+        core_genes, addon_genes: panel lists (disjoint); add-on kinds a/b/c split evenly by index.
+        seed: cohort seed. Patient effects depend on (seed, patient_id), gene roles on
+            (seed, gene), everything else on (seed, sample_id).
+        tissue_um: (width, height) of the Xenium field; the tissue blob fills ~75 % of it.
+        he_mpp: µm per H&E pixel at level 0 (the H&E is rendered in its own frame).
+        cell_density: mean cells per mm² of tissue; transcripts_per_cell: mean gene
+            transcripts per cell (controls come on top).
+        click_noise_um: sd per axis of the mismatch between the two clicks of a landmark.
+        n_regions: tissue pieces (vertical bands) with their own H&E affine; region_jitter
+            scales how much their affines differ (0 = identical).
+        landmarks_per_region: (min, max) landmarks per region.
+        other_genes / n_other_genes: measured genes outside the panel lists.
+        control_fraction, low_qv_fraction, unassigned_fraction: shares of control-probe,
+            qv < 20 and cell-unassigned transcripts.
+        neighbourhood_um: correlation length of cell-type / state / program fields.
+        he_rotation_deg: max global rotation of the H&E against Xenium.
+
+    Deterministic: the same arguments give byte-identical files. The whole directory is
+    written under a temporary name and renamed on success; a directory holding files the
+    simulator did not write is refused (:class:`InputError`).
     """
     out_dir = Path(out_dir)
     core, addon = _check_genes(core_genes, addon_genes)
@@ -976,7 +995,7 @@ class _Simulation:
             "preservation_method": "ffpe",
             "num_cells": int(self.n_cells),
             "transcripts_per_cell": int(round(self.transcripts_per_cell_median)),
-            "transcripts_per_100um": float(self.n_transcripts / max(1.0, self.tissue_area_mm2 * 100.0)),
+            "transcripts_per_100um": float(self.n_transcripts / max(1.0, self.tissue_area_mm2 * 1e4)),  # per 100 µm2
             "cassette_name": f"SIM{_key(self.patient_id) % 10000:04d}",
             "slide_id": f"{_key(self.sample_id) % 10**7:07d}",
             "panel_design_id": "morphomol-sim",
@@ -1454,9 +1473,13 @@ def simulate_from_config(
         raise InputError(
             "the simulator needs explicit gene lists", file=config_file, field="panel.core/panel.addon", expected="non-empty core and addon lists"
         )
-    if he_mpp is not None and not (isinstance(he_mpp, float) and math.isnan(he_mpp)):
+    if he_mpp is not None and str(he_mpp).strip() not in ("", "nan", "NaN", "None"):
+        try:
+            he_mpp = float(he_mpp)
+        except (TypeError, ValueError):
+            raise InputError(f"{he_mpp!r} is not a number", field="he_mpp", expected="µm per H&E pixel") from None
         block = float(sim.get("he_mpp", he_mpp))
-        if abs(block - float(he_mpp)) > 1e-9:
+        if abs(block - he_mpp) > 1e-9:
             raise InputError(
                 f"sample sheet he_mpp {he_mpp} differs from simulate.he_mpp {block}",
                 file=config_file,

@@ -143,14 +143,17 @@ def collect_tiles(tiles_paths: Sequence[str | Path], sample_ids: Sequence[str], 
 
 def splits_cohort(*, tiles: Sequence[str | Path], samples: Sequence[str], patients: Sequence[str],
                   out: Sequence[str | Path], n_folds: int = 4, val_fraction: float = 0.25, seed: int = 0,
-                  **_: object) -> None:
-    """Rule entry: write ``out[k]`` = splits/fold{k}.parquet for k < n_folds."""
-    if len(out) != n_folds:
-        raise InputError(f"{len(out)} outputs for {n_folds} folds", field="splits.n_folds")
+                  folds: Sequence[int] | None = None, **_: object) -> None:
+    """Rule entry: write ``out[i]`` = splits/fold{folds[i]}.parquet (all folds are computed
+    every time — cheap and deterministic — so one job per fold gives identical folds)."""
+    folds = list(range(n_folds)) if folds is None else [int(k) for k in folds]
+    if len(out) != len(folds) or any(not 0 <= k < n_folds for k in folds):
+        raise InputError(f"outputs {list(map(str, out))} do not match folds {folds} of n_folds={n_folds}",
+                         field="splits.n_folds")
     t = collect_tiles(tiles, samples, patients)
-    folds, key = make_splits(t, n_folds, val_fraction, seed)
+    all_folds, key = make_splits(t, n_folds, val_fraction, seed)
     log.info("%d tiles, %d samples, %d patients; outer folds grouped by %s", len(t), t["sample_id"].nunique(),
              t["patient_id"].nunique(), key)
-    for f, path in zip(folds, out, strict=True):
+    for k, path in zip(folds, out, strict=True):
         with atomic_path(path) as tmp:
-            f.to_parquet(tmp, index=False)
+            all_folds[k].to_parquet(tmp, index=False)

@@ -38,6 +38,34 @@ from morphomol.logs import get_logger
 log = get_logger("store")
 
 N_TOKENS = 196
+_GATHER: list = []
+
+
+def _gather_kernel():
+    """numba: one pass over a chunk's token entries for the selected tiles -> flat COO."""
+    if not _GATHER:
+        import numba as nb
+
+        @nb.njit(cache=True, nogil=True)
+        def gather(ip, tk, gn, ct, off, pos, lut, Gc, flat, vals, w):
+            for q in range(off.shape[0]):
+                o = off[q]
+                base = pos[q] * 196
+                for e in range(ip[o], ip[o + 1]):
+                    g = lut[gn[e]]
+                    if g >= 0:
+                        flat[w] = (base + tk[e]) * Gc + g
+                        vals[w] = ct[e]
+                        w += 1
+            return w
+
+        @nb.njit(cache=True, nogil=True)
+        def scatter(flat, vals, n, out):
+            for i in range(n):
+                out[flat[i]] = vals[i]
+
+        _GATHER.extend([gather, scatter])
+    return _GATHER
 
 
 # ----------------------------------------------------------------------------- per sample
@@ -301,6 +329,7 @@ class TileStream:
         tc_core = np.empty((B, Gc), np.float32)
         tgt = np.empty((B, Ga), np.float32)
         flat_parts, val_parts = [], []
+        gather, scatter = _gather_kernel() if self.want_tokens else (None, None)
         tile_ids: list[str] = [""] * B
         for si in np.unique(batch[:, 0]):
             sel_s = np.flatnonzero(batch[:, 0] == si)
@@ -326,15 +355,13 @@ class TileStream:
                     tile_ids[p] = ids[i]
                 if self.want_tokens:
                     ip, tk, gn, ct = ch["tok"]
-                    starts, lens = ip[off], ip[off + 1] - ip[off]
-                    tot = int(lens.sum())
+                    tot = int((ip[off + 1] - ip[off]).sum())
                     if tot:
-                        rel = np.repeat(starts - np.concatenate(([0], np.cumsum(lens)[:-1])), lens) + np.arange(tot)
-                        bpos = np.repeat(pos, lens)
-                        gg = lut[gn[rel]]
-                        ok = gg >= 0
-                        flat_parts.append((bpos[ok] * N_TOKENS + tk[rel][ok].astype(np.int64)) * Gc + gg[ok])
-                        val_parts.append(ct[rel][ok].astype(np.float32))
+                        flat = np.empty(tot, np.int64)
+                        vals = np.empty(tot, np.float32)
+                        k = gather(ip, tk, gn, ct, off.astype(np.int64), pos.astype(np.int64), lut, Gc, flat, vals, 0)
+                        flat_parts.append(flat[:k])
+                        val_parts.append(vals[:k])
         if img is not None:
             out["image"] = torch.from_numpy(img)
         if self.want_tokens:
@@ -342,7 +369,7 @@ class TileStream:
             vals = np.concatenate(val_parts) if val_parts else np.empty(0, np.float32)
             if self.token_format == "dense":
                 dense = np.zeros(B * N_TOKENS * Gc, np.float32)
-                dense[flat] = vals
+                scatter(flat, vals, len(flat), dense)
                 out["tokens"] = torch.from_numpy(dense.reshape(B, N_TOKENS, Gc))
             else:
                 out["token_index"] = torch.from_numpy(flat)

@@ -9,8 +9,9 @@ of overlapping tiles coincide with global patches, so counts are accumulated onc
 transcript therefore counts in every tile that contains it, exactly once per tile.
 
 Accumulation: per batch, a numba kernel writes (compact patch id, gene) pairs into a
-fixed-size buffer; when the buffer is full it is radix-sorted (counting sort by gene, then
-by patch: linear time) and merged into a running CSR ``patch -> (gene, count)``. Memory is
+fixed-size buffer; when the buffer is full it is counting-sorted by patch (linear time) and
+merged into a running CSR ``patch -> (gene, count)`` through a dense per-gene scratch row
+(genes are sorted within each patch once, at the end). Memory is
 the fixed buffer plus that CSR, whose size is bounded by the number of distinct
 (patch, gene) pairs (<= patches x genes), not by the number of transcripts.
 """
@@ -34,7 +35,7 @@ from morphomol.tiling import Batch, TileGrid
 
 log = get_logger("tokens")
 
-TOKEN_CHUNK = 1 << 19  # entries per chunk of tokens.zarr token/gene/count
+TOKEN_CHUNK = 1 << 17  # entries per chunk of tokens.zarr token/gene/count (~20 tiles of 6k entries)
 _K: dict[str, Any] = {}
 
 
@@ -69,62 +70,80 @@ def _kernels() -> dict[str, Any]:
 
     @nb.njit(cache=True, nogil=True)
     def flush(bp, bg, n, npatch, G, old_indptr, old_gene, old_count):
-        # LSD radix: stable counting sort by gene, then by patch -> sorted by (patch, gene)
-        cg = np.zeros(G + 1, np.int64)
-        for i in range(n):
-            cg[bg[i] + 1] += 1
-        for g in range(G):
-            cg[g + 1] += cg[g]
-        tp = np.empty(n, np.int32)
-        tg = np.empty(n, np.uint16)
-        for i in range(n):
-            g = bg[i]
-            d = cg[g]
-            cg[g] = d + 1
-            tp[d] = bp[i]
-            tg[d] = g
+        # counting sort of the buffer by patch (one scatter), then per patch: old entries +
+        # new genes through a dense per-gene scratch (first-seen order; sorted at the end)
         cp = np.zeros(npatch + 1, np.int64)
         for i in range(n):
-            cp[tp[i] + 1] += 1
+            cp[bp[i] + 1] += 1
         for p in range(npatch):
             cp[p + 1] += cp[p]
         pos = cp[:-1].copy()
         sg = np.empty(n, np.uint16)
         for i in range(n):
-            p = tp[i]
-            sg[pos[p]] = tg[i]
+            p = bp[i]
+            sg[pos[p]] = bg[i]
             pos[p] += 1
         old_nnz = old_indptr[npatch]
         cap = old_nnz + n
         ng = np.empty(cap, np.uint16)
         nc = np.empty(cap, np.uint32)
         ni = np.empty(npatch + 1, np.int64)
+        scratch = np.zeros(G, np.uint32)
+        touched = np.empty(G, np.int64)
         w = 0
         for p in range(npatch):
             ni[p] = w
-            a = old_indptr[p]
-            ae = old_indptr[p + 1]
-            b = cp[p]
-            be = cp[p + 1]
-            while a < ae or b < be:
-                if b < be and (a >= ae or sg[b] <= old_gene[a]):
-                    g = sg[b]
-                    c = np.uint32(0)
-                    if a < ae and old_gene[a] == g:
-                        c = old_count[a]
-                        a += 1
-                    while b < be and sg[b] == g:
-                        c += 1
-                        b += 1
-                    ng[w] = g
-                    nc[w] = c
-                else:
-                    ng[w] = old_gene[a]
-                    nc[w] = old_count[a]
-                    a += 1
+            m = 0
+            for e in range(old_indptr[p], old_indptr[p + 1]):
+                g = old_gene[e]
+                scratch[g] = old_count[e]
+                touched[m] = g
+                m += 1
+            for e in range(cp[p], cp[p + 1]):
+                g = sg[e]
+                if scratch[g] == 0:
+                    touched[m] = g
+                    m += 1
+                scratch[g] += 1
+            for q in range(m):
+                g = touched[q]
+                ng[w] = g
+                nc[w] = scratch[g]
+                scratch[g] = 0
                 w += 1
         ni[npatch] = w
-        return ni, ng[:w].copy(), nc[:w].copy()
+        return ni, ng, nc
+
+    @nb.njit(cache=True, nogil=True)
+    def sort_within(indptr, gene, count, G):
+        # sort each patch's genes (once, at the end: deterministic layout). Short runs:
+        # insertion sort; long runs: counting through a dense scratch row (O(G)).
+        scratch = np.zeros(G, np.uint32)
+        for p in range(indptr.shape[0] - 1):
+            a = indptr[p]
+            b = indptr[p + 1]
+            m = b - a
+            if m * m > 4 * G:
+                for i in range(a, b):
+                    scratch[gene[i]] = count[i]
+                w = a
+                for g in range(G):
+                    if scratch[g] != 0:
+                        gene[w] = g
+                        count[w] = scratch[g]
+                        scratch[g] = 0
+                        w += 1
+                continue
+            for i in range(a + 1, b):
+                g = gene[i]
+                c = count[i]
+                j = i - 1
+                while j >= a and gene[j] > g:
+                    gene[j + 1] = gene[j]
+                    count[j + 1] = count[j]
+                    j -= 1
+                gene[j + 1] = g
+                count[j + 1] = c
 
     @nb.njit(cache=True, nogil=True)
     def tile_nnz(ti, tj, s, grid, patch_map, indptr):
@@ -155,7 +174,7 @@ def _kernels() -> dict[str, Any]:
                         w += 1
         return w
 
-    _K.update(bin_batch=bin_batch, flush=flush, tile_nnz=tile_nnz, fill_tiles=fill_tiles)
+    _K.update(bin_batch=bin_batch, flush=flush, sort_within=sort_within, tile_nnz=tile_nnz, fill_tiles=fill_tiles)
     return _K
 
 
@@ -225,7 +244,11 @@ class PatchAccumulator:
 
     def result(self) -> PatchCounts:
         self._flush()
-        return PatchCounts(self.indptr, self.gene, self.count, self.n_transcripts)
+        nnz = int(self.indptr[-1])
+        gene, count = self.gene[:nnz].copy(), self.count[:nnz].copy()
+        self.gene = self.count = np.empty(0)
+        self.k["sort_within"](self.indptr, gene, count, self.G)
+        return PatchCounts(self.indptr, gene, count, self.n_transcripts)
 
 
 def pool_patches(batches: Iterable[Batch], grid: TileGrid, tile_i: np.ndarray, tile_j: np.ndarray, M: np.ndarray,
@@ -292,7 +315,8 @@ def reference_tokens(x: np.ndarray, y: np.ndarray, region: np.ndarray, gene: np.
 def _codec() -> list[Any]:
     from zarr.codecs import BloscCodec
 
-    return [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")]
+    # lz4 + byte shuffle: decodes several times faster than zstd; the loader reads these per batch
+    return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]
 
 
 def write_tokens_zarr(path: Path, pc: PatchCounts, pm: np.ndarray, grid: TileGrid, tile_i: np.ndarray,

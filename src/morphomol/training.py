@@ -9,6 +9,7 @@ Read top to bottom:
                             and raises :class:`Preempted` (exit code 143).
 5. ``fit``                — the loop: AdamW (two lr groups), grad-norm clip, bf16 autocast on CUDA,
                             validation per epoch, early stopping on the validation metric.
+                            (Regression heads start with their bias at the fit-set target mean.)
 6. ``train_setting``      — one Table A.1 run → metrics.json, predictions.parquet, checkpoint.
 7. ``run_min_mae``        — the Min-MAE baseline (CPU).
 8. ``train_clip``         — CLIP pretraining + recall@k (Table A.2).
@@ -112,13 +113,42 @@ class TrainConfig:
 
 
 class BatchSource(Protocol):
-    """What the trainer needs from a split of tiles (``store.py``'s dataset, or ``InMemoryTiles``)."""
+    """One partition of a fold as the trainer sees it (``InMemoryTiles``, ``StoreSplit``, ``WithFeatures``).
+
+    ``epoch(...)`` yields the batches of epoch ``epoch`` (dicts following the batch contract,
+    restricted to ``fields`` + ``tile_id``); with ``shuffle`` their order must depend only on
+    ``(seed, epoch)`` (and the loader layout), and ``skip`` drops the first batches (resume).
+    """
 
     tile_ids: Sequence[str]
 
     def __len__(self) -> int: ...
 
-    def get_batch(self, idx: np.ndarray, fields: Sequence[str]) -> dict[str, Any]: ...
+    def n_batches(self, batch_size: int, drop_last: bool = False) -> int: ...
+
+    def epoch(self, epoch: int, *, batch_size: int, fields: Sequence[str], seed: int = 0, shuffle: bool = True,
+              drop_last: bool = False, skip: int = 0, num_workers: int = 0,
+              pin_memory: bool = False) -> Iterable[dict[str, Any]]: ...
+
+
+def epoch_batches(ds: Any, batch_size: int, seed: int, epoch: int, *, shuffle: bool = True,
+                  drop_last: bool = False) -> list[np.ndarray]:
+    """Index batches of one epoch over ``len(ds)`` rows; the order depends only on ``(seed, epoch)``."""
+    n = len(ds)
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    return [order[i:min(i + batch_size, stop)] for i in range(0, stop, batch_size)]
+
+
+class _BatchList(torch.utils.data.Dataset):
+    def __init__(self, ds: InMemoryTiles, batches: Sequence[np.ndarray], fields: Sequence[str]) -> None:
+        self.ds, self.batches, self.fields = ds, list(batches), list(fields)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.ds.get_batch(self.batches[i], self.fields)
 
 
 class InMemoryTiles:
@@ -134,6 +164,9 @@ class InMemoryTiles:
     def __len__(self) -> int:
         return len(self.tile_ids)
 
+    def n_batches(self, batch_size: int, drop_last: bool = False) -> int:
+        return len(epoch_batches(self, batch_size, 0, 0, shuffle=False, drop_last=drop_last))
+
     def get_batch(self, idx: np.ndarray, fields: Sequence[str]) -> dict[str, Any]:
         idx = np.asarray(idx)
         out: dict[str, Any] = {"tile_id": [self.tile_ids[i] for i in idx]}
@@ -143,18 +176,83 @@ class InMemoryTiles:
             out[f] = torch.from_numpy(np.ascontiguousarray(self.arrays[f][idx]))
         return out
 
+    def epoch(self, epoch: int, *, batch_size: int, fields: Sequence[str], seed: int = 0, shuffle: bool = True,
+              drop_last: bool = False, skip: int = 0, num_workers: int = 0,
+              pin_memory: bool = False) -> Iterable[dict[str, Any]]:
+        batches = epoch_batches(self, batch_size, seed, epoch, shuffle=shuffle, drop_last=drop_last)[skip:]
+        if num_workers <= 0 or not batches:
+            return (self.get_batch(b, fields) for b in batches)
+        return torch.utils.data.DataLoader(_BatchList(self, batches, fields), batch_size=None, shuffle=False,
+                                           num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=4)
+
     def subset(self, idx: np.ndarray) -> InMemoryTiles:
         idx = np.asarray(idx)
         return InMemoryTiles([self.tile_ids[i] for i in idx], **{k: v[idx] for k, v in self.arrays.items()})
 
 
+class StoreSplit:
+    """One partition of a fold read from the tile/token stores through :mod:`morphomol.store`.
+
+    Chunk-shuffled batches (``store.make_loader``), renamed to the trainer's contract
+    (``tile_counts`` -> ``tile``, ``targets`` -> ``target``); images / tokens are only read when
+    a field asks for them. Loaders are kept per layout (persistent workers).
+    """
+
+    def __init__(self, cohort_dir: str | Path, fold: int, partition: str, panel: Mapping[str, Any], *,
+                 buffer_chunks: int = 8) -> None:
+        from morphomol import store
+
+        self.cohort_dir, self.fold, self.partition = Path(cohort_dir), int(fold), partition
+        self.panel = {"core": list(panel["core"]), "addon": list(panel["addon"])}
+        self.buffer_chunks = int(buffer_chunks)
+        split = store.load_split(self.cohort_dir, self.fold)
+        self.tile_ids = split.loc[split["partition"] == partition, "tile_id"].astype(str).tolist()
+        self._loaders: dict[tuple[Any, ...], Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.tile_ids)
+
+    def n_batches(self, batch_size: int, drop_last: bool = False) -> int:
+        n = len(self)
+        return n // batch_size if drop_last and n >= batch_size else -(-n // batch_size)
+
+    def epoch(self, epoch: int, *, batch_size: int, fields: Sequence[str], seed: int = 0, shuffle: bool = True,
+              drop_last: bool = False, skip: int = 0, num_workers: int = 0,
+              pin_memory: bool = False) -> Iterator[dict[str, Any]]:
+        from morphomol import store
+
+        images, tokens = "image" in fields, "tokens" in fields
+        key = (batch_size, seed, shuffle, drop_last, images, tokens, num_workers, pin_memory)
+        if key not in self._loaders:
+            self._loaders[key] = store.make_loader(
+                self.cohort_dir, self.fold, self.partition, self.panel, batch_size=batch_size, shuffle=shuffle,
+                seed=seed, num_workers=num_workers, buffer_chunks=self.buffer_chunks, drop_last=drop_last,
+                images=images, tokens=tokens, pin_memory=pin_memory)
+        loader = self._loaders[key]
+        loader.set_epoch(epoch)
+        for i, b in enumerate(loader):
+            if i < skip:  # resuming mid-epoch: these batches were consumed before the interruption
+                continue
+            out: dict[str, Any] = {"tile_id": b["tile_id"]}
+            if images:
+                out["image"] = b["image"]
+            if tokens:
+                out["tokens"] = store.densify_tokens(b)
+            if "tile" in fields:
+                out["tile"] = b["tile_counts"]
+            if "target" in fields:
+                out["target"] = b["targets"]
+            yield out
+
+
 class WithFeatures:
-    """A split plus cached per-tile features (``morph_feat`` / ``expr_feat``) aligned to its rows."""
+    """A partition plus cached per-tile features (``morph_feat`` / ``expr_feat``), rows aligned to ``tile_ids``."""
 
     def __init__(self, base: BatchSource, features: Mapping[str, np.ndarray]) -> None:
         self.base = base
         self.features = dict(features)
         self.tile_ids = base.tile_ids
+        self.row = {t: i for i, t in enumerate(base.tile_ids)}
         for k, v in self.features.items():
             if len(v) != len(base):
                 raise ValueError(f"{k}: {len(v)} feature rows for {len(base)} tiles")
@@ -162,15 +260,16 @@ class WithFeatures:
     def __len__(self) -> int:
         return len(self.base)
 
-    def get_batch(self, idx: np.ndarray, fields: Sequence[str]) -> dict[str, Any]:
-        own = [f for f in fields if f in self.features]
-        batch = self.base.get_batch(idx, [f for f in fields if f not in self.features])
-        for f in own:
-            batch[f] = torch.from_numpy(np.ascontiguousarray(self.features[f][np.asarray(idx)], dtype=np.float32))
-        return batch
+    def n_batches(self, batch_size: int, drop_last: bool = False) -> int:
+        return self.base.n_batches(batch_size, drop_last)
 
-    def batch_order(self, batch_size: int, seed: int, epoch: int, drop_last: bool = False) -> list[np.ndarray]:
-        return epoch_batches(self.base, batch_size, seed, epoch, drop_last=drop_last)
+    def epoch(self, epoch: int, *, batch_size: int, fields: Sequence[str], **kw: Any) -> Iterator[dict[str, Any]]:
+        own = [f for f in fields if f in self.features]
+        for batch in self.base.epoch(epoch, batch_size=batch_size, fields=[f for f in fields if f not in own], **kw):
+            rows = np.fromiter((self.row[t] for t in batch["tile_id"]), np.int64, len(batch["tile_id"]))
+            for f in own:
+                batch[f] = torch.from_numpy(self.features[f][rows])
+            yield batch
 
 
 @dataclass
@@ -186,39 +285,19 @@ class FoldData:
     feature_paths: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
-def epoch_batches(ds: Any, batch_size: int, seed: int, epoch: int, *, shuffle: bool = True,
-                  drop_last: bool = False) -> list[np.ndarray]:
-    """The batches of one epoch; the order depends only on ``(seed, epoch)``.
+def fold_from_stores(cohort_dir: str | Path, fold: int, *, feature_paths: Mapping[str, Mapping[str, str]] | None = None,
+                     buffer_chunks: int = 8) -> FoldData:
+    """``FoldData`` over ``results/{cohort}``: splits/fold{k}.parquet, panels/fold{k}.json, samples/*/ stores."""
+    from morphomol import store
 
-    A dataset may define ``batch_order(batch_size, seed, epoch, drop_last)`` (e.g. chunk-aware
-    shuffling in ``store.py``) — it must obey the same rule.
-    """
-    if shuffle and hasattr(ds, "batch_order"):
-        return [np.asarray(b) for b in ds.batch_order(batch_size, seed, epoch, drop_last=drop_last)]
-    n = len(ds)
-    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-    stop = n - n % batch_size if drop_last and n >= batch_size else n
-    return [order[i:min(i + batch_size, stop)] for i in range(0, stop, batch_size)]
-
-
-class _BatchList(torch.utils.data.Dataset):
-    def __init__(self, ds: BatchSource, batches: Sequence[np.ndarray], fields: Sequence[str]) -> None:
-        self.ds, self.batches, self.fields = ds, list(batches), list(fields)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.ds.get_batch(self.batches[i], self.fields)
-
-
-def iterate_batches(ds: BatchSource, batches: Sequence[np.ndarray], fields: Sequence[str], *,
-                    num_workers: int = 0, pin_memory: bool = False) -> Iterable[dict[str, Any]]:
-    """Batches in the given order; with workers, loading overlaps compute (order is preserved)."""
-    if num_workers <= 0 or len(batches) == 0:
-        return (ds.get_batch(b, fields) for b in batches)
-    return torch.utils.data.DataLoader(_BatchList(ds, batches, fields), batch_size=None, shuffle=False,
-                                       num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=4)
+    panel = store.load_panel(cohort_dir, fold)
+    parts = {p: StoreSplit(cohort_dir, fold, p, panel, buffer_chunks=buffer_chunks) for p in ("fit", "val", "test")}
+    for p, ds in parts.items():
+        if len(ds) == 0:
+            raise InputError(f"fold {fold} has no '{p}' tiles", file=Path(cohort_dir) / "splits" / f"fold{fold}.parquet",
+                             field="partition", expected="fit, val and test tiles in every fold")
+    return FoldData(parts["fit"], parts["val"], parts["test"], list(panel["core"]), list(panel["addon"]),
+                    {k: dict(v) for k, v in (feature_paths or {}).items()})
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -288,14 +367,18 @@ def read_feature_cache(paths: Mapping[str, str | Path], tile_ids: Sequence[str])
 
 @torch.no_grad()
 def frozen_vit_features(vit: ViTEncoder, ds: BatchSource, batch_size: int, device: torch.device) -> np.ndarray:
-    """CLS embeddings of a frozen ViT, computed once per tile (used when no features cache is given)."""
+    """CLS embeddings of a frozen ViT, computed once per tile, rows in ``ds.tile_ids`` order
+    (used when no features cache is given)."""
     vit = vit.to(device).eval()
-    out = []
-    for idx in epoch_batches(ds, batch_size, 0, 0, shuffle=False):
-        batch = to_device(ds.get_batch(idx, ["image"]), device)
+    out, ids = [], []
+    for batch in ds.epoch(0, batch_size=batch_size, fields=["image"], shuffle=False):
+        ids += list(batch["tile_id"])
+        batch = to_device(batch, device)
         with _autocast(device):
             out.append(vit(batch["image"]).float().cpu())
-    return torch.cat(out).numpy()
+    feats = torch.cat(out).numpy()
+    pos = {t: i for i, t in enumerate(ids)}
+    return feats[np.array([pos[t] for t in ds.tile_ids], dtype=np.int64)]
 
 
 # =========================================================================== 3. schedule
@@ -418,7 +501,7 @@ def fit(
         g["base_lr"] = g["lr"]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr_head, weight_decay=cfg.weight_decay)
     trainable = [p for g in groups for p in g["params"]]
-    steps_per_epoch = len(epoch_batches(fit_ds, bs, cfg.seed, 0, drop_last=drop_last))
+    steps_per_epoch = fit_ds.n_batches(bs, drop_last)
     warmup_steps = cfg.warmup_epochs * steps_per_epoch
     total_steps = cfg.epochs * steps_per_epoch
     step_model = torch.compile(raw) if cfg.compile else raw
@@ -453,12 +536,12 @@ def fit(
     with StopFlag() as stop:
         epoch = st["epoch"]
         while epoch < cfg.epochs and not (st["best_epoch"] >= 0 and st["bad_epochs"] >= cfg.patience):
-            batches = epoch_batches(fit_ds, bs, cfg.seed, epoch, drop_last=drop_last)
             raw.train()
             t0 = time.perf_counter()
             loss_acc = torch.zeros((), device=device)  # summed on device: no host sync per step
-            stream = iterate_batches(fit_ds, batches[st["batch"]:], batch_fields, num_workers=cfg.num_workers,
-                                     pin_memory=device.type == "cuda")
+            stream = fit_ds.epoch(epoch, batch_size=bs, fields=batch_fields, seed=cfg.seed, shuffle=True,
+                                  drop_last=drop_last, skip=st["batch"], num_workers=cfg.num_workers,
+                                  pin_memory=device.type == "cuda")
             for batch in stream:
                 lrs = []
                 for g in optimizer.param_groups:
@@ -566,8 +649,8 @@ def predict(model: torch.nn.Module, ds: BatchSource, fields: Sequence[str], batc
     model.eval()
     ids: list[str] = []
     ys, yh = [], []
-    for idx in epoch_batches(ds, batch_size, 0, 0, shuffle=False):
-        batch = to_device(ds.get_batch(idx, fields), device)
+    for batch in ds.epoch(0, batch_size=batch_size, fields=fields, shuffle=False):
+        batch = to_device(batch, device)
         with _autocast(device):
             out = model(batch)
         ids += list(batch["tile_id"])
@@ -687,6 +770,11 @@ def train_setting(
         torch.manual_seed(cfg.seed)
         model = build_model(s, len(data.core_genes), len(data.addon_genes), mcfg, vit_weights=vit_weights,
                             morph_dim=morph_dim, expr_dim=expr_dim).to(device)
+        # start the head at the fit-set target mean (log1p space) instead of 0: the first epochs
+        # then learn structure rather than the offset (matters for short runs; deterministic)
+        target_mean = _gather(splits["fit"], ["target"])["target"].mean(axis=0)
+        with torch.no_grad():
+            model.head.bias.copy_(torch.from_numpy(target_mean))
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         counts = model.param_counts()
@@ -743,13 +831,17 @@ def train_setting(
 # =========================================================================== 7. Min-MAE
 
 
-def _gather(ds: BatchSource, fields: Sequence[str], batch_size: int = 4096) -> dict[str, np.ndarray]:
+def _gather(ds: BatchSource, fields: Sequence[str], batch_size: int = 4096) -> dict[str, Any]:
+    """Whole partition in memory: ``{field: (N, ...) float32, "tile_id": [...]}`` in the loader's order."""
     parts: dict[str, list[np.ndarray]] = {f: [] for f in fields}
-    for idx in epoch_batches(ds, batch_size, 0, 0, shuffle=False):
-        b = ds.get_batch(idx, fields)
+    ids: list[str] = []
+    for b in ds.epoch(0, batch_size=batch_size, fields=fields, shuffle=False):
+        ids += list(b["tile_id"])
         for f in fields:
             parts[f].append(np.asarray(b[f], dtype=np.float32))
-    return {f: np.concatenate(v) if v else np.zeros((0, 0), np.float32) for f, v in parts.items()}
+    out: dict[str, Any] = {f: np.concatenate(v) if v else np.zeros((0, 0), np.float32) for f, v in parts.items()}
+    out["tile_id"] = ids
+    return out
 
 
 def min_mae_select(x: np.ndarray, y: np.ndarray, chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
@@ -785,7 +877,7 @@ def run_min_mae(data: FoldData, out: str | Path | RunOutputs, *, fold: int = 0, 
                "pretrained": False, "paper_row": "min-mae", "source_gene": mapping,
                "fit_mae": {t: float(mae[i, j]) for i, (t, j) in enumerate(zip(data.addon_genes, best))}}
     if outs.predictions is not None:
-        evaluation.write_predictions(outs.predictions, list(data.test.tile_ids), data.addon_genes, y, y_hat)
+        evaluation.write_predictions(outs.predictions, test_arr["tile_id"], data.addon_genes, y, y_hat)
     if outs.checkpoint_meta is not None:
         evaluation.write_json(outs.checkpoint_meta, {"setting": setting_name, "fold": int(fold), "kind": "min_mae",
                                                      "source_gene": mapping, "core_genes": data.core_genes,
@@ -803,8 +895,8 @@ def clip_embeddings(model: ClipModel, ds: BatchSource, fields: Sequence[str], ba
                     device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     model.eval()
     imgs, txts = [], []
-    for idx in epoch_batches(ds, batch_size, 0, 0, shuffle=False):
-        batch = to_device(ds.get_batch(idx, fields), device)
+    for batch in ds.epoch(0, batch_size=batch_size, fields=fields, shuffle=False):
+        batch = to_device(batch, device)
         with _autocast(device):
             i, t = model(batch)
         imgs.append(i.float().cpu())

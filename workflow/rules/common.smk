@@ -19,7 +19,7 @@ configfile: "config/config.yaml"
 validate(config, "../schemas/config.schema.yaml")
 
 try:
-    _COHORT_OBJS = load_cohorts(config, Path(workflow.basedir) / "schemas", workdir=Path.cwd())
+    _COHORT_OBJS = load_cohorts(config, Path(workflow.basedir) / "workflow" / "schemas", workdir=Path.cwd())
     SETTINGS = load_settings(config["experiments"]["settings_file"])
 except MorphomolError as _exc:
     raise WorkflowError(f"invalid configuration: {_exc.message}")

@@ -18,6 +18,7 @@ Microns per pixel at level 0, first found wins: the ``mpp`` argument (the sample
 from __future__ import annotations
 
 import math
+import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -399,10 +400,12 @@ def open_slide(path: str | Path, mpp: float | str | None = None) -> Slide:
         try:
             from PIL import Image
 
-            with Image.open(p) as img:
-                img.load()
-                meta_mpp, source = _pil_mpp(img)
-                backend = _PILBackend(img)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # e.g. "Corrupt EXIF data" on damaged TIFFs
+                with Image.open(p) as img:
+                    img.load()
+                    meta_mpp, source = _pil_mpp(img)
+                    backend = _PILBackend(img)
         except Exception as exc:
             errors.append(f"pillow: {exc}")
 

@@ -297,7 +297,8 @@ class XeniumBundle:
         types: dict[str, pa.DataType] = {c: pa.float64() for c in columns if c in _FLOAT_COLUMNS}
         if "feature_name" in columns:
             types["feature_name"] = pa.string()
-        block = int(min(max(batch_size * _CSV_BLOCK_BYTES_PER_ROW, 1 << 20), 1 << 28))
+        # blocks of at most 8 MB (~90k rows): bounded parser memory; _rebatch assembles batch_size rows
+        block = int(min(max(batch_size * _CSV_BLOCK_BYTES_PER_ROW, 1 << 20), 1 << 23))
         reader = pacsv.open_csv(
             self.transcripts_path,
             read_options=pacsv.ReadOptions(block_size=block, encoding="utf8"),
@@ -309,7 +310,7 @@ class XeniumBundle:
         if self._features is None:
             names: set[str] = set()
             n = 0
-            for rb in self._raw_batches(["feature_name"], 4_000_000):
+            for rb in self._raw_batches(["feature_name"], 1_000_000):
                 arr = rb.column(0)
                 n += len(arr)
                 names.update(_batch_names(arr, self.transcripts_path, n - len(arr)))
@@ -441,7 +442,7 @@ class XeniumBundle:
     def _raise_bad_coordinates(self, first: int) -> None:
         """Count every row with a missing / non-finite coordinate (second pass), then raise."""
         total = 0
-        for rb in self._raw_batches(["x_location", "y_location"], 4_000_000):
+        for rb in self._raw_batches(["x_location", "y_location"], 1_000_000):
             x = _coords(rb.column(0))
             y = _coords(rb.column(1))
             total += int((~(np.isfinite(x) & np.isfinite(y))).sum())

@@ -1,0 +1,183 @@
+"""Feature extraction over tiles.zarr / tokens.zarr with tiny encoders, atomic output, and the
+`features` rule run through real Snakemake."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from morphomol.encoders import create_encoder, save_weights
+from morphomol.errors import InputError
+from morphomol.features import encoder_settings, extract_features, read_features
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(embed_dim=32, depth=2, num_heads=2)
+
+
+def _tiles(path: Path, n: int = 20, chunk: int = 8, seed: int = 0) -> np.ndarray:
+    imgs = np.random.default_rng(seed).integers(0, 256, (n, 224, 224, 3), dtype=np.uint8)
+    g = zarr.open_group(str(path), mode="w")
+    a = g.create_array("images", shape=imgs.shape, chunks=(chunk, 224, 224, 3), dtype="uint8")
+    a[:] = imgs
+    g.attrs.update({"sample": "s1", "tile_px": 512, "mpp": 0.5, "stride": 256})
+    return imgs
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> tuple[Path, np.ndarray]:
+    p = tmp_path_factory.mktemp("tiles") / "tiles.zarr"
+    return p, _tiles(p)
+
+
+def test_features_match_direct_forward(store, tmp_path):
+    path, imgs = store
+    out = tmp_path / "f.zarr"
+    summary = extract_features(path, out, "vit_s", None, 6, "cpu", TINY, patch_tokens=True)
+    assert summary["n_tiles"] == 20 and summary["dim"] == 32
+    feats, attrs = read_features(out)
+    assert feats.shape == (20, 32) and feats.dtype == np.float32
+    assert attrs["encoder"] == "vit_s" and attrs["dim"] == 32 and attrs["n_tiles"] == 20
+    assert attrs["weights_sha256"] == "random-init:seed=0" and attrs["tiles_store"] == str(path)
+    enc = create_encoder("vit_s", **TINY)
+    with torch.inference_mode():
+        want = enc(imgs).numpy()
+        want_tok = enc.forward_tokens(imgs[:3]).numpy()
+    np.testing.assert_allclose(feats, want, rtol=1e-4, atol=1e-5)
+    tok = zarr.open_group(str(out), mode="r")["tokens"]
+    assert tok.shape == (20, 196, 32) and tok.dtype == np.float16
+    np.testing.assert_allclose(tok[:3].astype(np.float32), want_tok, rtol=1e-2, atol=1e-2)
+    # same inputs -> same features, whatever the batch size
+    out2 = tmp_path / "f2.zarr"
+    extract_features(path, out2, "vit_s", None, 16, "cpu", TINY)
+    np.testing.assert_allclose(read_features(out2)[0], feats, rtol=1e-4, atol=1e-5)
+    assert not list(tmp_path.glob(".*tmp*"))  # no temporary leftovers
+
+
+def test_weights_hash_and_overwrite(store, tmp_path):
+    path, _ = store
+    enc = create_encoder("vit_s", seed=7, **TINY)
+    w = save_weights(enc, tmp_path / "vit.safetensors")
+    out = tmp_path / "f.zarr"
+    extract_features(path, out, "vit_s", w, 32, "cpu", TINY)
+    feats, attrs = read_features(out)
+    assert attrs["weights_sha256"] == hashlib.sha256(w.read_bytes()).hexdigest()
+    base, _ = read_features(tmp_path / "f.zarr")
+    extract_features(path, out, "vit_s", None, 32, "cpu", TINY)  # rerun replaces atomically
+    assert not np.allclose(read_features(out)[0], base)
+
+
+def test_bad_store_and_failure_leave_no_output(store, tmp_path):
+    path, _ = store
+    bad = tmp_path / "bad.zarr"
+    g = zarr.open_group(str(bad), mode="w")
+    g.create_array("images", shape=(4, 224, 224), dtype="uint8")
+    with pytest.raises(InputError, match="images"):
+        extract_features(bad, tmp_path / "o.zarr", "vit_s", None, 4, "cpu", TINY)
+    with pytest.raises(InputError, match="not found"):
+        extract_features(tmp_path / "missing.zarr", tmp_path / "o.zarr", "vit_s", None, 4, "cpu", TINY)
+    assert not (tmp_path / "o.zarr").exists()
+
+    class Boom(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = create_encoder("vit_s", **TINY)
+            self.dim, self.calls = 32, 0
+
+        def forward(self, x):
+            self.calls += 1
+            if self.calls > 1:
+                raise RuntimeError("GPU fell over")
+            return self.inner(x)
+
+    out = tmp_path / "keep.zarr"
+    out.mkdir()
+    (out / "marker").write_text("user data")
+    with pytest.raises(RuntimeError, match="fell over"):
+        extract_features(path, out, "vit_s", None, 8, "cpu", encoder=Boom())
+    assert (out / "marker").read_text() == "user data"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_expression_encoder_reads_tokens_store(tmp_path):
+    from test_encoders import GF_GENES, _write_geneformer
+
+    d = _write_geneformer(tmp_path / "gf")
+    counts = np.random.default_rng(1).integers(0, 20, (10, len(GF_GENES))).astype(np.uint32)
+    tz = tmp_path / "tokens.zarr"
+    g = zarr.open_group(str(tz), mode="w")
+    g.create_array("tile_counts", shape=counts.shape, chunks=(4, len(GF_GENES)), dtype="uint32")[:] = counts
+    g.attrs.update({"genes": GF_GENES, "grid": 14, "sample": "s1"})
+    out = tmp_path / "gf.zarr"
+    extract_features(tz, out, "geneformer", d, 3, "cpu")
+    feats, attrs = read_features(out)
+    enc = create_encoder("geneformer", d)
+    with torch.inference_mode():
+        want = enc(counts, GF_GENES).numpy()
+    np.testing.assert_allclose(feats, want, rtol=1e-4, atol=1e-5)
+    assert attrs["kind"] == "expression" and attrs["dim"] == 16
+
+
+def test_encoder_settings_from_config():
+    s = encoder_settings(
+        "vit_s",
+        encoders_cfg={"vit_s": {"pooling": "mean"}, "uni": {"weights": "w/uni.safetensors", "batch_size": 64}},
+        model_cfg={"vit": {"embed_dim": 96, "depth": 3, "num_heads": 3}, "expr_hidden": 32},
+        features_cfg={"batch_size": 128},
+    )
+    assert s["overrides"] == {"embed_dim": 96, "depth": 3, "num_heads": 3, "pooling": "mean"}
+    assert s["weights"] is None and s["batch_size"] == 128
+    u = encoder_settings("uni", {"uni": {"weights": "w/uni.safetensors", "batch_size": 64}}, {"vit": {"embed_dim": 96}}, {})
+    assert u["weights"] == "w/uni.safetensors" and u["overrides"] == {} and u["batch_size"] == 64
+
+
+SNAKEFILE = """
+import pandas as pd
+configfile: "config.yaml"
+SAMPLE_DIR = "results/{cohort}/samples/{sample}"
+COHORTS = {"demo": {**config, "samples": pd.DataFrame(index=pd.Index(["s1"], name="sample_id"))}}
+def ccfg(w, section):
+    return COHORTS[w.cohort].get(section) or {}
+include: "%s"
+""".strip()
+
+
+@pytest.mark.slow
+def test_features_rule_through_snakemake(store, tmp_path):
+    snakemake = Path(sys.executable).with_name("snakemake")
+    if not snakemake.exists():
+        pytest.skip("snakemake not installed in this environment")
+    path, _ = store
+    sdir = tmp_path / "results/demo/samples/s1"
+    sdir.mkdir(parents=True)
+    shutil.copytree(path, sdir / "tiles.zarr")
+    enc = create_encoder("vit_s", seed=2, **TINY)
+    save_weights(enc, tmp_path / "weights/vit.safetensors")
+    cfg = {"seed": 0, "features": {"batch_size": 8, "device": "cpu"}, "model": {"vit": TINY},
+           "encoders": {"vit_s": {"weights": "weights/vit.safetensors"}}, "resources": {"gpu_mem_mb": 1000}}
+    (tmp_path / "config.yaml").write_text(json.dumps(cfg))
+    (tmp_path / "Snakefile").write_text(SNAKEFILE % (REPO / "workflow/rules/features.smk"))
+    target = "results/demo/features/vit_s/s1.zarr"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    r = subprocess.run([str(snakemake), "--cores", "1", "--resources", "gpu=1", "-d", str(tmp_path), "-s",
+                        str(tmp_path / "Snakefile"), target], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    feats, attrs = read_features(tmp_path / target)
+    assert feats.shape == (20, 32)
+    assert attrs["weights_sha256"] == hashlib.sha256((tmp_path / "weights/vit.safetensors").read_bytes()).hexdigest()
+    log = (tmp_path / "results/demo/logs/features/vit_s/s1.log").read_text()
+    assert "20/20 tiles" in log
+    # the weights are an input: a new weights file makes the job out of date
+    save_weights(create_encoder("vit_s", seed=3, **TINY), tmp_path / "weights/vit.safetensors")
+    r = subprocess.run([str(snakemake), "-n", "-d", str(tmp_path), "-s", str(tmp_path / "Snakefile"), target],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and "features" in r.stdout, r.stdout[-2000:]

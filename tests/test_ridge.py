@@ -1,0 +1,164 @@
+"""HEST-style ridge baseline: recovers linear signal, chooses alpha by patient-grouped CV, and
+writes metrics.json / predictions.parquet for a fold from real zarr/parquet stores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+
+from morphomol import ridge
+from morphomol.errors import InputError
+from morphomol.ridge import per_gene_metrics, ridge_baseline, run_ridge_fold
+
+
+def _linear(n: int, d: int, g: int, n_groups: int, seed: int, noise: float = 0.3):
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(d, g))
+    x = rng.normal(size=(n, d))
+    y = x @ w / np.sqrt(d) + noise * rng.normal(size=(n, g))
+    groups = np.repeat(np.arange(n_groups), n // n_groups)
+    return x, y, groups
+
+
+def test_recovers_linear_signal_and_not_noise():
+    x, y, groups = _linear(400, 40, 5, 10, seed=0)
+    res = ridge_baseline(x[:300], y[:300], groups[:300], x[300:], y[300:], seed=0)
+    assert res["n_components"] == 40  # PCA capped by the number of features
+    assert min(res["pearson"]) > 0.9 and res["mean"]["pearson"] > 0.9
+    assert set(res["per_gene"]) == {f"y{j}" for j in range(5)}
+    rng = np.random.default_rng(1)
+    res0 = ridge_baseline(x[:300], rng.normal(size=(300, 5)), groups[:300], x[300:], rng.normal(size=(100, 5)))
+    assert abs(res0["mean"]["pearson"]) < 0.2
+
+
+def test_pca_capped_by_samples_and_matches_sklearn():
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import Ridge
+    from sklearn.preprocessing import StandardScaler
+
+    x, y, groups = _linear(60, 300, 3, 6, seed=2)
+    res = ridge_baseline(x[:40], y[:40], groups[:40], x[40:], y[40:], alphas=[3.0], n_components=256)
+    assert res["n_components"] == 40 and res["alpha"] == 3.0
+    sc = StandardScaler().fit(x[:40])
+    pca = PCA(n_components=40, random_state=0).fit(sc.transform(x[:40]))
+    model = Ridge(alpha=3.0).fit(pca.transform(sc.transform(x[:40])), y[:40])
+    want = model.predict(pca.transform(sc.transform(x[40:])))
+    np.testing.assert_allclose(res["pred"], want, rtol=1e-6, atol=1e-8)
+
+
+def test_alpha_selection_is_grouped_by_patient(monkeypatch):
+    # Each patient has its own target offset and its own feature "fingerprint": memorising the
+    # fingerprints predicts held-out tiles of *seen* patients but not unseen patients. Grouped CV
+    # must therefore prefer heavy shrinkage, and no patient may straddle an inner split.
+    rng = np.random.default_rng(3)
+    n_groups, per, d = 12, 20, 30
+    groups = np.repeat(np.arange(n_groups), per)
+    finger = rng.normal(size=(n_groups, d)) * 3
+    x = finger[groups] + 0.1 * rng.normal(size=(n_groups * per, d))
+    y = rng.normal(size=(n_groups, 2))[groups] + 0.05 * rng.normal(size=(n_groups * per, 2))
+    seen = []
+    from sklearn import model_selection
+
+    real = model_selection.GroupKFold
+
+    class Spy(real):  # type: ignore[misc, valid-type]
+        def split(self, X, y=None, groups=None):
+            for tr, va in super().split(X, y, groups):
+                seen.append((set(np.asarray(groups)[tr]), set(np.asarray(groups)[va])))
+                yield tr, va
+
+    monkeypatch.setattr(model_selection, "GroupKFold", Spy)
+    alphas = [1e-3, 1e-1, 1e1, 1e3, 1e5]
+    res = ridge_baseline(x, y, groups, x[:5], None, alphas=alphas, inner_folds=4)
+    assert len(seen) == 4 and all(not (a & b) for a, b in seen)
+    assert res["alpha"] == 1e5
+    # with a real, shared signal the same search picks light shrinkage
+    x2, y2, g2 = _linear(240, 30, 2, 12, seed=4, noise=0.05)
+    res2 = ridge_baseline(x2, y2, g2, x2[:5], None, alphas=alphas, inner_folds=4)
+    assert res2["alpha"] <= 1e1
+    assert set(res2["cv"]) == {repr(a) for a in alphas}
+
+
+def test_bad_inputs():
+    x, y, groups = _linear(40, 5, 2, 1, seed=5)
+    with pytest.raises(InputError, match="patients"):
+        ridge_baseline(x, y, groups, x, y, alphas=[1.0, 10.0])
+    res = ridge_baseline(x, y, groups, x, y, alphas=[1.0])  # one alpha: no CV needed
+    assert res["alpha"] == 1.0
+    with pytest.raises(InputError, match="positive"):
+        ridge_baseline(x, y, groups, x, y, alphas=[0.0])
+    with pytest.raises(InputError, match="shapes"):
+        ridge_baseline(x, y, groups, x[:, :3], y)
+    m = per_gene_metrics(np.ones((5, 1)), np.arange(5.0)[:, None], ["FLAT"])
+    assert m["FLAT"]["pearson"] is None and m["FLAT"]["mse"] == pytest.approx(np.mean((np.arange(5.0) - 1) ** 2))
+
+
+def _cohort(tmp: Path, genes: list[str], addon: list[str]):
+    rng = np.random.default_rng(6)
+    w = rng.normal(size=(16, len(genes)))
+    feats, toks, rows = {}, {}, []
+    for s in range(6):
+        sample, n = f"S{s}", 30
+        x = rng.normal(size=(n, 16)).astype(np.float32)
+        counts = np.maximum(0, np.round(np.expm1(np.clip(x @ w / 4 + 1.5, 0, 5)))).astype(np.uint32)
+        fz = tmp / f"features/{sample}.zarr"
+        g = zarr.open_group(str(fz), mode="w")
+        g.create_array("features", shape=x.shape, dtype="float32")[:] = x
+        g.attrs.update({"encoder": "vit_s", "dim": 16})
+        tz = tmp / f"samples/{sample}/tokens.zarr"
+        g = zarr.open_group(str(tz), mode="w")
+        g.create_array("tile_counts", shape=counts.shape, dtype="uint32")[:] = counts
+        g.attrs.update({"genes": genes, "grid": 14, "sample": sample})
+        feats[sample], toks[sample] = fz, tz
+        part = "test" if s < 2 else ("val" if s == 2 else "fit")
+        for i in range(n):
+            rows.append({"tile_id": f"{sample}__{i:06d}", "sample_id": sample, "patient_id": f"P{s}",
+                         "index": i, "partition": part})
+    split = tmp / "splits/fold0.parquet"
+    split.parent.mkdir(parents=True)
+    pd.DataFrame(rows).to_parquet(split)
+    panel = tmp / "panels/fold0.json"
+    panel.parent.mkdir(parents=True)
+    panel.write_text(json.dumps({"mode": "yaml", "core": [g for g in genes if g not in addon], "addon": addon}))
+    return split, panel, feats, toks
+
+
+def test_run_ridge_fold_writes_contract_outputs(tmp_path):
+    genes = ["A", "B", "C", "D"]
+    split, panel, feats, toks = _cohort(tmp_path, genes, ["C", "A"])
+    out = tmp_path / "runs/ridge_vit_s/fold0"
+    m = run_ridge_fold(split, panel, feats, toks, out / "metrics.json", out / "predictions.parquet",
+                       encoder="vit_s", fold=0, alphas=[0.1, 10.0, 1000.0], inner_folds=3)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(m))
+    for key in ("setting", "fold", "kind", "status", "n_fit", "n_val", "n_test", "genes", "mean", "per_gene",
+                "best_epoch", "epochs_run", "train_seconds", "tiles_per_second"):
+        assert key in saved
+    assert saved["setting"] == "ridge_vit_s" and saved["kind"] == "regression" and saved["status"] == "ok"
+    assert (saved["n_fit"], saved["n_val"], saved["n_test"]) == (90, 30, 60)
+    assert saved["genes"] == ["C", "A"] and set(saved["per_gene"]) == {"C", "A"}
+    assert set(saved["mean"]) == {"pearson", "spearman", "mse", "mae"}
+    assert saved["mean"]["pearson"] > 0.5 and saved["alpha"] in (0.1, 10.0, 1000.0)
+    pred = pd.read_parquet(out / "predictions.parquet")
+    assert list(pred.columns) == ["tile_id", "gene", "y", "y_hat"] and len(pred) == 60 * 2
+    assert pred["tile_id"].str.startswith(("S0__", "S1__")).all()
+    # y is log1p of the add-on counts of the right tile
+    row = pred[(pred.tile_id == "S1__000007") & (pred.gene == "A")].iloc[0]
+    counts = zarr.open_group(str(toks["S1"]), mode="r")["tile_counts"][7]
+    assert row.y == pytest.approx(np.log1p(counts[0]), rel=1e-6)
+
+
+def test_run_ridge_fold_bad_panel_writes_nothing(tmp_path):
+    split, panel, feats, toks = _cohort(tmp_path, ["A", "B"], ["B"])
+    panel.write_text(json.dumps({"core": ["A"], "addon": ["ZZZ"]}))
+    out = tmp_path / "runs/ridge_vit_s/fold0"
+    with pytest.raises(InputError, match="ZZZ"):
+        run_ridge_fold(split, panel, feats, toks, out / "metrics.json", out / "predictions.parquet",
+                       encoder="vit_s", fold=0)
+    assert not out.exists() or not any(out.iterdir())
+    assert ridge.DEFAULT_COMPONENTS == 256

@@ -1,0 +1,261 @@
+"""The trainer on synthetic in-memory tiles: resume after SIGTERM, fusion vs unimodal, Min-MAE, CLIP."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from morphomol.errors import InputError
+from morphomol.models import build_model, load_settings
+from morphomol.training import (
+    RESUME_NAME,
+    FoldData,
+    InMemoryTiles,
+    Preempted,
+    TrainConfig,
+    epoch_batches,
+    learning_rate,
+    min_mae_select,
+    run_min_mae,
+    synthetic_tiles,
+    train_clip,
+    train_setting,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = load_settings(ROOT / "config" / "experiments" / "table_a1.yaml")
+TINY = {"vit": {"embed_dim": 32, "depth": 1, "num_heads": 2}, "expr_hidden": 32}
+
+
+def fold_data(n_fit: int, n_val: int, n_test: int, seed: int = 0, n_targets: int = 3) -> FoldData:
+    ds, core, addon = synthetic_tiles(n_fit + n_val + n_test, n_core=6, n_targets=n_targets, seed=seed)
+    idx = np.arange(len(ds))
+    return FoldData(ds.subset(idx[:n_fit]), ds.subset(idx[n_fit:n_fit + n_val]), ds.subset(idx[n_fit + n_val:]),
+                    core, addon)
+
+
+def cfg(**kw) -> TrainConfig:
+    base = dict(epochs=3, warmup_epochs=1, batch_size=16, lr_head=3e-3, lr_backbone=1e-3, min_lr=1e-5,
+                patience=10, seed=0, threads=1, device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# ---------------------------------------------------------------- schedule and order
+
+
+def test_learning_rate_warmup_then_cosine():
+    lrs = [learning_rate(s, 1e-4, 1e-6, warmup_steps=10, total_steps=110) for s in range(111)]
+    assert lrs[0] == pytest.approx(1e-5) and lrs[9] == pytest.approx(1e-4)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[60] == pytest.approx(0.5 * (1e-4 + 1e-6))
+    assert lrs[110] == pytest.approx(1e-6)
+
+
+def test_epoch_order_depends_only_on_seed_and_epoch():
+    ds = InMemoryTiles([str(i) for i in range(50)])
+    a = epoch_batches(ds, 16, seed=3, epoch=2)
+    assert [len(b) for b in a] == [16, 16, 16, 2]
+    assert sorted(np.concatenate(a).tolist()) == list(range(50))
+    assert all(np.array_equal(x, y) for x, y in zip(a, epoch_batches(ds, 16, seed=3, epoch=2)))
+    assert not np.array_equal(np.concatenate(a), np.concatenate(epoch_batches(ds, 16, seed=3, epoch=1)))
+    assert [len(b) for b in epoch_batches(ds, 16, 0, 0, drop_last=True)] == [16, 16, 16]
+
+
+# ---------------------------------------------------------------- resume after SIGTERM
+
+
+def _read(out: Path) -> tuple[dict, pd.DataFrame]:
+    m = json.loads((out / "metrics.json").read_text())
+    return m, pd.read_parquet(out / "predictions.parquet")
+
+
+def test_sigterm_mid_epoch_then_rerun_gives_identical_results(tmp_path):
+    data = fold_data(48, 16, 16)
+    setting = SETTINGS["early_add_vits_ft_mlp_token"]
+    c = cfg(epochs=3)  # 3 steps per epoch
+
+    ref = tmp_path / "ref"
+    train_setting(setting, data, ref, train_cfg=c, model_cfg=TINY)
+    ref_metrics, ref_pred = _read(ref)
+    assert not (ref / RESUME_NAME).exists()
+
+    run = tmp_path / "run"
+
+    def kill_at_step_5(step: int) -> None:  # mid epoch 2: a real signal through the handler
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Preempted) as exc:
+        train_setting(setting, data, run, train_cfg=c, model_cfg=TINY, on_step=kill_at_step_5)
+    assert exc.value.code == 143
+    assert (run / RESUME_NAME).exists()
+    assert not (run / "metrics.json").exists() and not (run / "checkpoint.safetensors").exists()
+    # the resume file is loadable without unpickling arbitrary objects
+    state = torch.load(run / RESUME_NAME, weights_only=True)
+    assert (state["state"]["epoch"], state["state"]["batch"], state["state"]["step"]) == (1, 2, 5)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
+
+    steps = []
+    got = train_setting(setting, data, run, train_cfg=c, model_cfg=TINY, on_step=steps.append)
+    assert steps[0] == 6 and steps[-1] == 9  # continued after the 5 consumed steps
+    assert got["resumed"] is True
+    run_metrics, run_pred = _read(run)
+    for key in ("mean", "per_gene", "best_epoch", "epochs_run", "val_mse"):
+        assert run_metrics[key] == ref_metrics[key], key
+    pd.testing.assert_frame_equal(run_pred, ref_pred)
+    assert not (run / RESUME_NAME).exists()
+    # the logged epoch loss of the interrupted epoch is summed in two parts: equal up to rounding
+    assert [h["loss"] for h in json.loads((run / "checkpoint.json").read_text())["history"]] == \
+        pytest.approx([h["loss"] for h in json.loads((ref / "checkpoint.json").read_text())["history"]], rel=1e-5)
+
+
+def test_stale_resume_file_is_ignored(tmp_path):
+    data = fold_data(32, 16, 16)
+    s = SETTINGS["expr_mlp_token"]
+    with pytest.raises(Preempted):
+        train_setting(s, data, tmp_path, train_cfg=cfg(epochs=2), model_cfg=TINY,
+                      on_step=lambda st: os.kill(os.getpid(), signal.SIGTERM))
+    other = train_setting(s, data, tmp_path, train_cfg=cfg(epochs=2, lr_head=1e-3), model_cfg=TINY)
+    assert other["resumed"] is False and other["epochs_run"] == 2
+
+
+# ---------------------------------------------------------------- outputs, checkpoint, features
+
+
+def test_outputs_and_checkpoint_reload(tmp_path):
+    from safetensors.torch import load_file
+
+    data = fold_data(48, 16, 24)
+    s = SETTINGS["late_concat_vits_ft_mlp_tile"]
+    m = train_setting(s, data, tmp_path, fold=2, train_cfg=cfg(epochs=2), model_cfg=TINY)
+    for key in ("setting", "fold", "kind", "status", "n_fit", "n_val", "n_test", "genes", "mean", "per_gene",
+                "best_epoch", "epochs_run", "train_seconds", "tiles_per_second"):
+        assert key in m
+    assert (m["fold"], m["kind"], m["n_test"], m["pretrained"]) == (2, "regression", 24, False)
+    assert set(m["mean"]) == {"pearson", "spearman", "mse", "mae"}
+    pred = pd.read_parquet(tmp_path / "predictions.parquet")
+    assert list(pred.columns) == ["tile_id", "gene", "y", "y_hat"] and len(pred) == 24 * 3
+    meta = json.loads((tmp_path / "checkpoint.json").read_text())
+    assert meta["setting"] == s.name and meta["addon_genes"] == data.addon_genes
+    model = build_model(s, meta["n_core"], meta["n_targets"], meta["model"])
+    model.load_state_dict(load_file(str(tmp_path / "checkpoint.safetensors")))
+    model.eval()
+    with torch.no_grad():
+        y_hat = model(data.test.get_batch(np.arange(24), s.batch_fields)).numpy()  # same order as written
+    np.testing.assert_allclose(y_hat.reshape(-1), pred["y_hat"].to_numpy(), rtol=1e-5, atol=1e-6)
+    # mse in metrics.json is the mean of the per-gene MSEs of the written predictions
+    mse = ((pred.y - pred.y_hat) ** 2).groupby(pred.gene, observed=True).mean().mean()
+    assert m["mean"]["mse"] == pytest.approx(mse, rel=1e-5)
+
+
+def test_frozen_morph_trains_on_cached_features(tmp_path):
+    import zarr
+
+    data = fold_data(48, 16, 16)
+    s = SETTINGS["late_add_vits_fz_mlp_token"]
+    computed = train_setting(s, data, tmp_path / "a", train_cfg=cfg(epochs=2), model_cfg=TINY)
+    assert computed["features"] == {"vit_s": "computed"}
+    # the same frozen (random-init, seed 0) ViT features written as a per-sample features zarr
+    from morphomol.models import ViTEncoder
+    from morphomol.training import frozen_vit_features
+
+    torch.manual_seed(0)
+    vit = ViTEncoder(TINY["vit"])
+    every = InMemoryTiles(data.fit.tile_ids + data.val.tile_ids + data.test.tile_ids,
+                          image=np.concatenate([d.arrays["image"] for d in (data.fit, data.val, data.test)]))
+    feats = frozen_vit_features(vit, every, 16, torch.device("cpu"))
+    g = zarr.open_group(str(tmp_path / "synth.zarr"), mode="w")
+    g.create_array("features", shape=feats.shape, dtype="float32")[:] = feats
+    cached_data = FoldData(data.fit, data.val, data.test, data.core_genes, data.addon_genes,
+                           feature_paths={"vit_s": {"synth": str(tmp_path / "synth.zarr")}})
+    cached = train_setting(s, cached_data, tmp_path / "b", train_cfg=cfg(epochs=2), model_cfg=TINY)
+    assert cached["features"] == {"vit_s": "cache"}
+    for g_ in data.addon_genes:
+        assert cached["per_gene"][g_]["mse"] == pytest.approx(computed["per_gene"][g_]["mse"], rel=1e-4)
+
+
+def test_frozen_vit_stays_unchanged_in_early_fusion(tmp_path):
+    from safetensors.torch import load_file
+
+    data = fold_data(32, 16, 16)
+    s = SETTINGS["early_add_vits_fz_mlp_token"]
+    train_setting(s, data, tmp_path, train_cfg=cfg(epochs=1), model_cfg=TINY)
+    torch.manual_seed(0)
+    init = build_model(s, 6, 3, TINY).state_dict()
+    trained = load_file(str(tmp_path / "checkpoint.safetensors"))
+    assert all(torch.equal(trained[k], v) for k, v in init.items() if k.startswith("vit."))
+    assert not torch.equal(trained["expr.net.0.weight"], init["expr.net.0.weight"])
+
+
+def test_settings_without_weights_fail_clearly(tmp_path):
+    data = fold_data(16, 8, 8)
+    with pytest.raises(InputError, match="encoders.phikon.weights"):
+        train_setting(SETTINGS["morph_phikon_fz"], data, tmp_path, train_cfg=cfg(epochs=1), model_cfg=TINY)
+    with pytest.raises(InputError, match="cached 'phikon' features"):
+        train_setting(SETTINGS["morph_phikon_fz"], data, tmp_path, train_cfg=cfg(epochs=1), model_cfg=TINY,
+                      encoders_cfg={"phikon": {"weights": "phikon.safetensors"}})
+    assert not (tmp_path / "metrics.json").exists()
+
+
+# ---------------------------------------------------------------- fusion vs unimodal
+
+
+def test_fusion_beats_both_unimodal_settings_on_jointly_determined_gene(tmp_path):
+    # target 0 = b + u: b from the image (brightness), u from the transcripts (core gene 0 rate)
+    data = fold_data(160, 48, 64, seed=1)
+    c = cfg(epochs=4, batch_size=12, warmup_epochs=1)
+    mse = {}
+    for name in ("early_add_vits_ft_mlp_token", "morph_vits_ft", "expr_mlp_token"):
+        m = train_setting(SETTINGS[name], data, tmp_path / name, train_cfg=c, model_cfg=TINY)
+        mse[name] = m["per_gene"]["ADD0"]["mse"]
+    var = float(np.var(data.test.arrays["target"][:, 0]))
+    assert mse["early_add_vits_ft_mlp_token"] < 0.5 * min(mse["morph_vits_ft"], mse["expr_mlp_token"]), mse
+    assert mse["early_add_vits_ft_mlp_token"] < 0.25 * var, (mse, var)
+
+
+# ---------------------------------------------------------------- Min-MAE
+
+
+def test_min_mae_picks_the_copied_core_gene(tmp_path):
+    rng = np.random.default_rng(0)
+    tile = rng.poisson(3.0, size=(200, 5)).astype(np.float32)
+    target = np.stack([np.log1p(tile[:, 3]), np.log1p(tile[:, 1]) + 0.05, rng.normal(1, 0.1, 200)], 1)
+    best, mae = min_mae_select(np.log1p(tile), target)
+    assert best[0] == 3 and mae[0, 3] == 0.0
+    assert best[1] == 1
+    ids = [f"s__{i:06d}" for i in range(200)]
+    ds = InMemoryTiles(ids, tile=tile, target=target.astype(np.float32))
+    data = FoldData(ds.subset(np.arange(150)), ds.subset(np.arange(0)), ds.subset(np.arange(150, 200)),
+                    [f"C{i}" for i in range(5)], ["T0", "T1", "T2"])
+    m = run_min_mae(data, tmp_path, fold=1)
+    assert m["source_gene"]["T0"] == "C3" and m["source_gene"]["T1"] == "C1"
+    assert m["per_gene"]["T0"]["mse"] == 0.0 and m["per_gene"]["T0"]["pearson"] == pytest.approx(1.0)
+    pred = pd.read_parquet(tmp_path / "predictions.parquet")
+    assert len(pred) == 50 * 3
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["source_gene"]["T0"] == "C3"
+
+
+# ---------------------------------------------------------------- CLIP
+
+
+def test_clip_training_reports_recall(tmp_path):
+    data = fold_data(64, 32, 48)
+    m = train_clip(SETTINGS["clip_token"], data, tmp_path, train_cfg=cfg(epochs=2, clip_batch_size=16),
+                   model_cfg=TINY)
+    assert m["kind"] == "clip" and m["status"] == "ok"
+    assert m["random_recall@1"] == pytest.approx(1 / 16) and m["random_recall@5"] == pytest.approx(5 / 16)
+    assert 0.0 <= m["recall@1"] <= m["recall@5"] <= 1.0
+    assert m["retrieval"]["n_chunks"] == 3
+    assert math.isfinite(m["val_infonce"])
+    assert (tmp_path / "checkpoint.safetensors").exists()
+    assert json.loads((tmp_path / "metrics.json").read_text())["recall@5"] == m["recall@5"]

@@ -1,0 +1,51 @@
+# Per cohort: patient-grouped outer folds + grouped inner validation split (one job per
+# fold; every job computes the same deterministic folds), then the core/add-on panel of
+# every fold (YAML lists, or seurat_v3 HVGs on the fold's fit tiles).
+
+
+def _split_fold_ok(w):
+    k = int(w.fold)
+    n = int(ccfg(w, "splits").get("n_folds", 4))
+    if not 0 <= k < n:
+        raise ValueError(f"fold {k} out of range for cohort {w.cohort} (n_folds={n})")
+    return expand(SAMPLE_DIR + "/tiles.parquet", cohort=w.cohort, sample=samples_of(w.cohort))
+
+
+rule splits:
+    input:
+        tiles=_split_fold_ok,
+    output:
+        "results/{cohort}/splits/fold{fold}.parquet",
+    params:
+        samples=lambda w: samples_of(w.cohort),
+        patients=lambda w: [str(COHORTS[w.cohort]["samples"].loc[s, "patient_id"]) for s in samples_of(w.cohort)],
+        cfg=lambda w: ccfg(w, "splits"),
+        seed=lambda w: int(COHORTS[w.cohort].get("seed", 0) or 0),
+    log:
+        "results/{cohort}/logs/splits/fold{fold}.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    script:
+        "../../scripts/splits.py"
+
+
+rule panel:
+    input:
+        split="results/{cohort}/splits/fold{fold}.parquet",
+        counts=lambda w: expand(SAMPLE_DIR + "/counts.h5ad", cohort=w.cohort, sample=samples_of(w.cohort)),
+    output:
+        "results/{cohort}/panels/fold{fold}.json",
+    params:
+        samples=lambda w: samples_of(w.cohort),
+        panel=lambda w: COHORTS[w.cohort]["panel"],
+        cfg=lambda w: ccfg(w, "panels"),
+    log:
+        "results/{cohort}/logs/panel/fold{fold}.log",
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    script:
+        "../../scripts/splits.py"
