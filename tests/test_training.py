@@ -259,3 +259,88 @@ def test_clip_training_reports_recall(tmp_path):
     assert math.isfinite(m["val_infonce"])
     assert (tmp_path / "checkpoint.safetensors").exists()
     assert json.loads((tmp_path / "metrics.json").read_text())["recall@5"] == m["recall@5"]
+
+
+# ---------------------------------------------------------------- through the real stores (morphomol.store)
+
+
+def write_cohort(root: Path, n_per_sample: int = 40, samples=("S0", "S1", "S2", "S3"), chunk: int = 16) -> Path:
+    """A cohort on disk in the stage contracts: tiles.zarr, tokens.zarr (CSR), split + panel of fold 0."""
+    import zarr
+
+    cdir = root / "results" / "synth"
+    rows = []
+    all_genes = [f"CORE{j}" for j in range(6)] + ["ADD0", "ADD1", "CTRL"]
+    for si, s in enumerate(samples):
+        ds, _, _ = synthetic_tiles(n_per_sample, n_core=6, n_targets=2, seed=10 + si)
+        tok = ds.arrays["tokens"].astype(np.int64)  # (N, 196, 6) counts
+        n = len(ds)
+        # add-on genes as counts over the tile: ADD0 from core 0 and brightness, ADD1 random
+        add = np.stack([tok[:, :, 0].sum(1) + (ds.arrays["image"][:, 0, 0, 0] // 40),
+                        np.random.default_rng(si).poisson(3, n)], 1)
+        full_tc = np.concatenate([tok.sum(1), add, np.zeros((n, 1), np.int64)], 1).astype(np.uint32)
+        indptr, tk, gn, ct = [0], [], [], []
+        for i in range(n):
+            t_idx, g_idx = np.nonzero(tok[i])
+            tk.append(t_idx)
+            gn.append(g_idx)
+            ct.append(tok[i][t_idx, g_idx])
+            indptr.append(indptr[-1] + len(t_idx))
+        d = cdir / "samples" / s
+        g = zarr.open_group(str(d / "tiles.zarr"), mode="w")
+        g.create_array("images", data=ds.arrays["image"], chunks=(chunk, 224, 224, 3))
+        t = zarr.open_group(str(d / "tokens.zarr"), mode="w")
+        t.attrs.update({"genes": all_genes, "grid": 14, "sample": s})
+        t.create_array("indptr", data=np.array(indptr, np.int64))
+        t.create_array("token", data=np.concatenate(tk).astype(np.uint8))
+        t.create_array("gene", data=np.concatenate(gn).astype(np.uint16))
+        t.create_array("count", data=np.concatenate(ct).astype(np.uint32))
+        t.create_array("tile_counts", data=full_tc, chunks=(chunk, len(all_genes)))
+        part = ["fit", "fit", "val", "test"][si]
+        rows += [{"tile_id": f"{s}__{i:06d}", "sample_id": s, "patient_id": f"P{si}", "index": i, "partition": part}
+                 for i in range(n)]
+    (cdir / "splits").mkdir(parents=True)
+    pd.DataFrame(rows).to_parquet(cdir / "splits" / "fold0.parquet")
+    (cdir / "panels").mkdir()
+    (cdir / "panels" / "fold0.json").write_text(json.dumps(
+        {"mode": "yaml", "core": [f"CORE{j}" for j in range(6)], "addon": ["ADD0", "ADD1"]}))
+    return cdir
+
+
+def test_store_backed_runs_resume_and_match_the_split(tmp_path):
+    from morphomol.training import RunOutputs, fold_from_stores, run_from_stores
+
+    cdir = write_cohort(tmp_path)
+    data = fold_from_stores(cdir, 0)
+    assert (len(data.fit), len(data.val), len(data.test)) == (80, 40, 40)
+    # a store epoch is the fit partition, once, in an order fixed by (seed, epoch)
+    ep = list(data.fit.epoch(1, batch_size=16, fields=["tokens", "tile", "target"], seed=0))
+    ids = [t for b in ep for t in b["tile_id"]]
+    assert sorted(ids) == sorted(data.fit.tile_ids)
+    assert ids == [t for b in data.fit.epoch(1, batch_size=16, fields=["tile"], seed=0) for t in b["tile_id"]]
+    b = ep[0]
+    assert b["tokens"].shape == (16, 196, 6) and torch.equal(b["tokens"].sum(1), b["tile"])
+    assert torch.all(b["target"] >= 0) and b["target"].dtype == torch.float32
+
+    # resume through the store's chunk-shuffled loader (SIGTERM mid epoch 2)
+    s = SETTINGS["expr_mlp_token"]
+    c = cfg(epochs=3, batch_size=16)
+    common = dict(cohort_dir=cdir, fold=0, setting=s.to_dict(), setting_name=s.name, training=vars(c), seed=0,
+                  threads=1, model=TINY)
+    ref = run_from_stores(outputs=RunOutputs.in_dir(tmp_path / "ref"), **common)
+    with pytest.raises(Preempted):
+        train_setting(s, data, tmp_path / "run", train_cfg=c, model_cfg=TINY,
+                      on_step=lambda st: os.kill(os.getpid(), signal.SIGTERM) if st == 7 else None)
+    got = run_from_stores(outputs=RunOutputs.in_dir(tmp_path / "run"), **common)
+    assert got["resumed"] and got["per_gene"] == ref["per_gene"] and got["mean"] == ref["mean"]
+    pred = pd.read_parquet(tmp_path / "run" / "predictions.parquet")
+    assert set(pred.tile_id.astype(str)) == set(data.test.tile_ids)
+
+    # images through the store, and the Min-MAE baseline (ADD0 is close to CORE0)
+    m = run_from_stores(outputs=RunOutputs.in_dir(tmp_path / "early"), **{**common, "setting": SETTINGS[
+        "early_add_vits_ft_mlp_token"].to_dict(), "setting_name": "early_add_vits_ft_mlp_token",
+        "training": vars(cfg(epochs=1, batch_size=16))})
+    assert m["n_test"] == 40 and m["epochs_run"] == 1
+    mm = run_from_stores(outputs=RunOutputs.in_dir(tmp_path / "minmae"), **{**common, "setting": SETTINGS[
+        "min_mae"].to_dict(), "setting_name": "min_mae"})
+    assert mm["source_gene"]["ADD0"] == "CORE0"

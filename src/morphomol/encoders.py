@@ -33,6 +33,12 @@ Architectures matched (see ``list_encoders_table()``):
   dynamic_img_size=True)``; ImageNet mean/std; CLS (1536-d).
 * ``phikon``  Phikon: transformers ``ViTModel`` ViT-B/16 (``add_pooling_layer=False``) from a local
   HF dir; ImageNet mean/std; CLS of ``last_hidden_state`` (768-d).
+* ``phikon2`` Phikon-v2: transformers ``Dinov2Model`` ViT-L/16 from a local HF dir; CLS (1024-d).
+  Table A.3 of the paper lists "phikon" with 303M parameters and a 1024-d embedding, i.e. this
+  model; ``phikon`` (ViT-B, 86M, 768-d) is the original Phikon.
+  transformers >= 5 renamed module parameters; HF checkpoints (either layout) are loaded through
+  transformers' own ``from_pretrained(None, config=..., state_dict=...)`` conversion, with every
+  missing/unexpected/mismatched key turned into an InputError.
 * ``loki``    OmiCLIP/Loki: the image tower of open_clip ``coca_ViT-L-14`` (built by open_clip's
   own ``_build_vision_tower`` from the ``coca_ViT-L-14`` model config, i.e. exactly
   ``open_clip.create_model('coca_ViT-L-14', pretrained=None).visual`` without building the

@@ -88,7 +88,8 @@ class ModelSetting:
         known = {f for f in cls.__dataclass_fields__ if f not in ("name", "extra")}
         d = dict(d)
         d.pop("name", None)
-        extra = {k: d.pop(k) for k in list(d) if k not in known}
+        extra = dict(d.pop("extra", None) or {})
+        extra.update({k: d.pop(k) for k in list(d) if k not in known})
         req = d.get("requires_weights") or ()
         if isinstance(req, str):
             req = (req,)

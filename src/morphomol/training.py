@@ -974,3 +974,47 @@ def train_clip(
     log.info("CLIP %s fold %d: recall@1 %.4f recall@5 %.4f (random %.4f / %.4f)", s.name, fold, rec["recall@1"],
              rec["recall@5"], rec["random_recall@1"], rec["random_recall@5"])
     return metrics
+
+
+# =========================================================================== 9. Snakemake entry
+
+
+def run_from_stores(
+    *,
+    cohort_dir: str | Path,
+    fold: int,
+    setting: ModelSetting | dict[str, Any],
+    setting_name: str | None,
+    outputs: RunOutputs,
+    training: Mapping[str, Any] | None = None,
+    model: Mapping[str, Any] | None = None,
+    encoders: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    threads: int | None = None,
+    num_workers: int | None = None,
+    feature_paths: Mapping[str, Mapping[str, str]] | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """One run (any kind) over ``results/{cohort}`` stores; what the train/min_mae/clip rules call."""
+    s = as_setting(setting, setting_name)
+    cfg = TrainConfig.from_config(training, seed, threads=threads, num_workers=num_workers, device=device)
+    buffer_chunks = int((training or {}).get("buffer_chunks", 8))
+    data = fold_from_stores(cohort_dir, fold, feature_paths=feature_paths, buffer_chunks=buffer_chunks)
+    return train_setting(s, data, outputs, fold=fold, train_cfg=cfg, model_cfg=model, encoders_cfg=encoders)
+
+
+def run_rule(smk: Any) -> dict[str, Any]:
+    """Adapter body for scripts/train.py, scripts/minmae.py and scripts/clip.py."""
+    out = smk.output
+    outputs = RunOutputs(
+        metrics=Path(out.metrics),
+        predictions=Path(out.predictions) if "predictions" in out.keys() else None,
+        checkpoint=Path(out.checkpoint) if "checkpoint" in out.keys() else None,
+        checkpoint_meta=Path(out.checkpoint_meta) if "checkpoint_meta" in out.keys() else None,
+    )
+    p = smk.params
+    return run_from_stores(
+        cohort_dir=Path(smk.input.split).parent.parent, fold=int(smk.wildcards.fold), setting=dict(p.setting),
+        setting_name=smk.wildcards.setting, outputs=outputs, training=p.training, model=p.model,
+        encoders=p.encoders, seed=int(p.seed), threads=int(smk.threads), num_workers=p.num_workers,
+        feature_paths=p.feature_paths)

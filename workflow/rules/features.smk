@@ -8,16 +8,14 @@
 # file (or HF directory) is an input, so changing it reruns the job. Encoders without configured
 # weights run only if the registry allows random init (vit_s).
 
-FEATURE_EXPRESSION_ENCODERS = {"geneformer"}
-
-
 def _encoder_entry(w):
     return (ccfg(w, "encoders") or {}).get(w.encoder) or {}
 
 
 def _encoder_is_expression(w):
-    kind = _encoder_entry(w).get("kind")
-    return kind == "expression" if kind else w.encoder in FEATURE_EXPRESSION_ENCODERS
+    from morphomol.encoders import get_spec
+
+    return get_spec(w.encoder).kind == "expression"
 
 
 def _features_inputs(w):
