@@ -20,14 +20,6 @@ include: "workflow/rules/tables.smk"
 report: "workflow/report/workflow.rst"
 
 
-def all_targets():
-    out = []
-    for c in COHORTS:
-        for s in samples_of(c):
-            d = f"results/{c}/samples/{s}"
-            out += [f"{d}/qc", f"{d}/registration.json", f"{d}/tiles.parquet", f"{d}/tokens.zarr"]
-        out += [f"results/{c}/tables/table_a1.csv", f"results/{c}/tables/table_a2.csv"]
-    return out
 
 
 rule all:

@@ -455,6 +455,25 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext()
 
 
+def train_step(model: torch.nn.Module, batch: dict[str, Any], optimizer: torch.optim.Optimizer,
+               loss_fn: Callable[[torch.nn.Module, dict[str, Any]], torch.Tensor], trainable: Sequence[torch.Tensor],
+               grad_clip: float, device: torch.device) -> torch.Tensor:
+    """One optimisation step on a batch already on ``device``; returns the (detached) loss."""
+    with _autocast(device):
+        loss = loss_fn(model, batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip and grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+    optimizer.step()
+    return loss.detach()
+
+
+def regression_loss(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """MSE over add-on genes and tiles, on log1p targets."""
+    return F.mse_loss(model(batch).float(), batch["target"].float())
+
+
 @dataclass
 class FitResult:
     best_epoch: int
@@ -548,13 +567,7 @@ def fit(
                     g["lr"] = learning_rate(st["step"], g["base_lr"], cfg.min_lr, warmup_steps, total_steps)
                     lrs.append(g["lr"])
                 batch = to_device(batch, device)
-                with _autocast(device):
-                    loss = loss_fn(step_model, batch)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip and cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-                optimizer.step()
+                loss = train_step(step_model, batch, optimizer, loss_fn, trainable, cfg.grad_clip, device)
                 n = len(batch["tile_id"])
                 st["step"] += 1
                 st["batch"] += 1
@@ -781,9 +794,6 @@ def train_setting(
         log.info("setting %s fold %d on %s: fit %d / val %d / test %d tiles; params %s; fields %s", s.name, fold,
                  device, len(splits["fit"]), len(splits["val"]), len(splits["test"]), counts, fields)
 
-        def loss_fn(m: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-            return F.mse_loss(m(batch).float(), batch["target"].float())
-
         def validate(m: torch.nn.Module) -> tuple[float, dict[str, float]]:
             _, y, y_hat = predict(m, splits["val"], fields, cfg.batch_size, device)
             pg = evaluation.per_gene_metrics(y, y_hat, data.addon_genes)
@@ -794,7 +804,7 @@ def train_setting(
                                                     if k not in ("threads", "num_workers", "device")},
                           model=mcfg, fit=_ids_digest(splits["fit"].tile_ids), val=_ids_digest(splits["val"].tile_ids),
                           core=data.core_genes, addon=data.addon_genes, vit_weights=vit_weights, fold=fold)
-        res = fit(model, splits["fit"], fields, cfg, outs.work_dir, loss_fn=loss_fn, validate=validate,
+        res = fit(model, splits["fit"], fields, cfg, outs.work_dir, loss_fn=regression_loss, validate=validate,
                   fingerprint=fp, on_step=on_step)
 
         ids, y, y_hat = predict(model, splits["test"], fields, cfg.batch_size, device)

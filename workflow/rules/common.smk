@@ -1,4 +1,4 @@
-# Shared by every rule file: configuration loading, validation and path helpers.
+# Shared by every stage: configuration loading, validation and path helpers.
 import os
 from pathlib import Path
 
@@ -106,3 +106,13 @@ def feature_encoders(cohort):
             continue
         out.append(name)
     return out
+
+
+def all_targets():
+    """Default target: every sample's stores and every cohort's tables and report inputs."""
+    out = []
+    for c in COHORTS:
+        for s in samples_of(c):
+            d = f"results/{c}/samples/{s}"
+            out += [f"{d}/qc", f"{d}/registration.json", f"{d}/tiles.parquet", f"{d}/tokens.zarr"]
+    return out + tables_targets()

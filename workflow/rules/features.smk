@@ -8,26 +8,13 @@
 # file (or HF directory) is an input, so changing it reruns the job. Encoders without configured
 # weights run only if the registry allows random init (vit_s).
 
-def _encoder_entry(w):
-    return (ccfg(w, "encoders") or {}).get(w.encoder) or {}
 
-
-def _encoder_is_expression(w):
-    from morphomol.encoders import get_spec
-
-    return get_spec(w.encoder).kind == "expression"
-
-
-def _features_inputs(w):
-    store = "tokens.zarr" if _encoder_is_expression(w) else "tiles.zarr"
-    inputs = {"store": SAMPLE_DIR.format(cohort=w.cohort, sample=w.sample) + "/" + store}
-    weights = _encoder_entry(w).get("weights")
-    if weights:
-        inputs["weights"] = weights
-    return inputs
+include: "functions/features.smk"
 
 
 rule features:
+    conda:
+        "../../envs/morphomol.yaml"
     input:
         unpack(_features_inputs),
     output:
@@ -47,16 +34,14 @@ rule features:
         "../../scripts/features.py"
 
 
-def _cohort_samples(w):
-    return [str(s) for s in COHORTS[w.cohort]["samples"].index]
-
-
 rule ridge:
+    conda:
+        "../../envs/morphomol.yaml"
     input:
         split="results/{cohort}/splits/fold{fold}.parquet",
         panel="results/{cohort}/panels/fold{fold}.json",
         features=lambda w: [f"results/{w.cohort}/features/{w.encoder}/{s}.zarr" for s in _cohort_samples(w)],
-        tokens=lambda w: [SAMPLE_DIR.format(cohort=w.cohort, sample=s) + "/tokens.zarr" for s in _cohort_samples(w)],
+        tokens=lambda w: [f"{SAMPLE_DIR.format(cohort=w.cohort, sample=s)}/tokens.zarr" for s in _cohort_samples(w)],
     output:
         metrics="results/{cohort}/runs/ridge_{encoder}/fold{fold}/metrics.json",
         predictions="results/{cohort}/runs/ridge_{encoder}/fold{fold}/predictions.parquet",

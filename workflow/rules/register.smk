@@ -3,34 +3,23 @@
 # robust outlier flagging, image refinement. Bad input -> InputError in the log, no outputs.
 
 
-def _register_inputs(w):
-    """xenium + he always; alignment / regions only when the sample sheet names them."""
-    samples = COHORTS[w.cohort]["samples"]
-    files = {
-        "xenium": sample_field("xenium_dir")(w),
-        "he": sample_field("he_path")(w),
-    }
-    for col in ("alignment", "regions"):
-        if col in samples.columns:
-            value = sample_field(col)(w)
-            if value is not None and str(value).strip():
-                files[col] = value
-    return files
-
-
-def _register_he_mpp(w):
-    if "he_mpp" not in COHORTS[w.cohort]["samples"].columns:
-        return None
-    value = sample_field("he_mpp")(w)
-    return None if value is None else float(value)
+include: "functions/register.smk"
 
 
 rule register:
+    conda:
+        "../../envs/morphomol.yaml"
     input:
         unpack(_register_inputs),
     output:
-        registration=SAMPLE_DIR + "/registration.json",
-        qc=SAMPLE_DIR + "/registration_qc.png",
+        registration=f"{SAMPLE_DIR}/registration.json",
+        qc=report(
+            f"{SAMPLE_DIR}/registration_qc.png",
+            caption="../report/registration_qc.rst",
+            category="{cohort}",
+            subcategory="Registration QC",
+            labels={"sample": "{sample}"},
+        ),
     params:
         cfg=lambda w: ccfg(w, "registration"),
         he_mpp=_register_he_mpp,

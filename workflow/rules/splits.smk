@@ -3,15 +3,12 @@
 # every fold (YAML lists, or seurat_v3 HVGs on the fold's fit tiles).
 
 
-def _split_fold_ok(w):
-    k = int(w.fold)
-    n = int(ccfg(w, "splits").get("n_folds", 4))
-    if not 0 <= k < n:
-        raise ValueError(f"fold {k} out of range for cohort {w.cohort} (n_folds={n})")
-    return expand(SAMPLE_DIR + "/tiles.parquet", cohort=w.cohort, sample=samples_of(w.cohort))
+include: "functions/splits.smk"
 
 
 rule splits:
+    conda:
+        "../../envs/morphomol.yaml"
     input:
         tiles=_split_fold_ok,
     output:
@@ -32,9 +29,11 @@ rule splits:
 
 
 rule panel:
+    conda:
+        "../../envs/morphomol.yaml"
     input:
         split="results/{cohort}/splits/fold{fold}.parquet",
-        counts=lambda w: expand(SAMPLE_DIR + "/counts.h5ad", cohort=w.cohort, sample=samples_of(w.cohort)),
+        counts=lambda w: expand(f"{SAMPLE_DIR}/counts.h5ad", cohort=w.cohort, sample=samples_of(w.cohort)),
     output:
         "results/{cohort}/panels/fold{fold}.json",
     params:

@@ -10,81 +10,30 @@
 # Settings that cannot run (missing weights) are not inputs; their rows say why. Ridge baselines
 # (runs/ridge_{encoder}) are included for every cached-feature encoder unless `tables.ridge: false`.
 
-TABLES_DIR = "results/{cohort}/tables"
-MIN_MAE_SETTING = next((n for n, s in SETTINGS.items() if s.get("kind") == "min_mae"), "min_mae")
 
-
-def tables_ridge_runs(cohort):
-    if not (ccfg(cohort, "tables") or {}).get("ridge", True):
-        return []
-    return [f"results/{cohort}/runs/ridge_{e}/fold{k}" for e in feature_encoders(cohort) for k in folds_of(cohort)]
-
-
-def tables_run_dirs(cohort):
-    """Run directories feeding the tables: every runnable (setting, fold) plus the ridge baselines."""
-    return list(runnable_runs(cohort)) + tables_ridge_runs(cohort)
-
-
-def tables_prediction_files(cohort):
-    """predictions.parquet of the regression runs (CLIP runs have none)."""
-    out = []
-    for d in tables_run_dirs(cohort):
-        setting = d.rstrip("/").split("/")[-2]
-        if (SETTINGS.get(setting) or {}).get("kind", "regression") != "clip":
-            out.append(d + "/predictions.parquet")
-    return out
-
-
-def tables_targets(cohort=None):
-    """Final outputs of this stage (for `rule all`): tables, figures, metadata; cross-cohort summary
-    when more than one cohort is configured."""
-    names = [cohort] if cohort else list(COHORTS)
-    out = []
-    for c in names:
-        d = TABLES_DIR.format(cohort=c)
-        out += [f"{d}/table_a1.csv", f"{d}/table_a2.csv", f"{d}/ttests.csv", f"{d}/run_metadata.json", f"{d}/plots"]
-    if cohort is None and len(COHORTS) > 1:
-        out += ["results/tables/cross_cohort.csv"]
-    return out
-
-
-def _tables_config(w):
-    """The cohort's merged config, JSON-friendly (the sample sheet as records) for run_metadata."""
-    cfg = {}
-    for key, value in COHORTS[w.cohort].items():
-        if hasattr(value, "reset_index"):
-            value = value.reset_index().astype(str).to_dict(orient="records")
-        cfg[key] = value
-    return cfg
-
-
-def _plot_samples(w):
-    sheet = COHORTS[w.cohort]["samples"]
-    out = {}
-    for s in sheet.index:
-        mpp = sheet.loc[s, "he_mpp"] if "he_mpp" in sheet.columns else None
-        out[str(s)] = {"he_path": _clean(sheet.loc[s, "he_path"]), "he_mpp": _clean(mpp)}
-    return out
+include: "functions/tables.smk"
 
 
 rule tables:
+    conda:
+        "../../envs/morphomol.yaml"
     input:
-        metrics=lambda w: [d + "/metrics.json" for d in tables_run_dirs(w.cohort)],
+        metrics=lambda w: [f"{d}/metrics.json" for d in tables_run_dirs(w.cohort)],
     output:
-        a1_csv=report(TABLES_DIR + "/table_a1.csv", caption="../report/table_a1.rst", category="{cohort}",
+        a1_csv=report(f"{TABLES_DIR}/table_a1.csv", caption="../report/table_a1.rst", category="{cohort}",
                       subcategory="Benchmark tables", labels={"table": "Table A.1"}),
-        a1_md=TABLES_DIR + "/table_a1.md",
-        a1_tex=TABLES_DIR + "/table_a1.tex",
-        a2_csv=report(TABLES_DIR + "/table_a2.csv", caption="../report/table_a2.rst", category="{cohort}",
+        a1_md=f"{TABLES_DIR}/table_a1.md",
+        a1_tex=f"{TABLES_DIR}/table_a1.tex",
+        a2_csv=report(f"{TABLES_DIR}/table_a2.csv", caption="../report/table_a2.rst", category="{cohort}",
                       subcategory="Benchmark tables", labels={"table": "Table A.2"}),
-        a2_md=TABLES_DIR + "/table_a2.md",
-        a2_tex=TABLES_DIR + "/table_a2.tex",
-        per_gene=report(TABLES_DIR + "/per_gene.csv", caption="../report/per_gene.rst", category="{cohort}",
+        a2_md=f"{TABLES_DIR}/table_a2.md",
+        a2_tex=f"{TABLES_DIR}/table_a2.tex",
+        per_gene=report(f"{TABLES_DIR}/per_gene.csv", caption="../report/per_gene.rst", category="{cohort}",
                         subcategory="Benchmark tables", labels={"table": "per-gene metrics"}),
-        ttests=report(TABLES_DIR + "/ttests.csv", caption="../report/ttests.rst", category="{cohort}",
+        ttests=report(f"{TABLES_DIR}/ttests.csv", caption="../report/ttests.rst", category="{cohort}",
                       subcategory="Benchmark tables", labels={"table": "paired t-tests"}),
-        metadata_json=TABLES_DIR + "/run_metadata.json",
-        metadata_md=report(TABLES_DIR + "/run_metadata.md", caption="../report/run_metadata.rst",
+        metadata_json=f"{TABLES_DIR}/run_metadata.json",
+        metadata_md=report(f"{TABLES_DIR}/run_metadata.md", caption="../report/run_metadata.rst",
                            category="{cohort}", subcategory="Run metadata", labels={"table": "run metadata"}),
     params:
         out_dir=lambda w: TABLES_DIR.format(cohort=w.cohort),
@@ -106,16 +55,18 @@ rule tables:
 
 
 rule plots:
+    conda:
+        "../../envs/morphomol.yaml"
     input:
-        a1=TABLES_DIR + "/table_a1.csv",
-        a2=TABLES_DIR + "/table_a2.csv",
-        per_gene=TABLES_DIR + "/per_gene.csv",
+        a1=f"{TABLES_DIR}/table_a1.csv",
+        a2=f"{TABLES_DIR}/table_a2.csv",
+        per_gene=f"{TABLES_DIR}/per_gene.csv",
         predictions=lambda w: tables_prediction_files(w.cohort),
-        tiles=lambda w: [SAMPLE_DIR.format(cohort=w.cohort, sample=s) + "/tiles.parquet" for s in samples_of(w.cohort)],
-        tokens=lambda w: [SAMPLE_DIR.format(cohort=w.cohort, sample=s) + "/tokens.zarr" for s in samples_of(w.cohort)],
+        tiles=lambda w: [f"{SAMPLE_DIR.format(cohort=w.cohort, sample=s)}/tiles.parquet" for s in samples_of(w.cohort)],
+        tokens=lambda w: [f"{SAMPLE_DIR.format(cohort=w.cohort, sample=s)}/tokens.zarr" for s in samples_of(w.cohort)],
         panel="results/{cohort}/panels/fold0.json",
     output:
-        plots=report(directory(TABLES_DIR + "/plots"), patterns=["{plot}.png"], caption="../report/plots.rst",
+        plots=report(directory(f"{TABLES_DIR}/plots"), patterns=["{plot}.png"], caption="../report/plots.rst",
                      category="{cohort}", subcategory="Figures", labels={"figure": "{plot}"}),
     params:
         samples=_plot_samples,
@@ -133,6 +84,8 @@ rule plots:
 
 
 rule cross_cohort:
+    conda:
+        "../../envs/morphomol.yaml"
     input:
         tables=expand("results/{cohort}/tables/table_a1.csv", cohort=list(COHORTS)),
     output:

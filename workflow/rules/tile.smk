@@ -2,23 +2,26 @@
 # counts per tile (first streaming pass), filtering, tiles.parquet + tiles.zarr + QC PNG.
 
 
-def _tile_he_mpp(w):
-    samples = COHORTS[w.cohort]["samples"]
-    if "he_mpp" not in samples.columns:
-        return None
-    value = samples.loc[w.sample, "he_mpp"]
-    return None if value is None or value != value or value == "" else float(value)
+include: "functions/tile.smk"
 
 
 rule tile:
+    conda:
+        "../../envs/morphomol.yaml"
     input:
-        registration=SAMPLE_DIR + "/registration.json",
+        registration=f"{SAMPLE_DIR}/registration.json",
         he=sample_field("he_path"),
         xenium=sample_field("xenium_dir"),
     output:
-        tiles=SAMPLE_DIR + "/tiles.parquet",
-        store=directory(SAMPLE_DIR + "/tiles.zarr"),
-        qc=SAMPLE_DIR + "/tiles_qc.png",
+        tiles=f"{SAMPLE_DIR}/tiles.parquet",
+        store=directory(f"{SAMPLE_DIR}/tiles.zarr"),
+        qc=report(
+            f"{SAMPLE_DIR}/tiles_qc.png",
+            caption="../report/tiles_qc.rst",
+            category="{cohort}",
+            subcategory="Tiling QC",
+            labels={"sample": "{sample}"},
+        ),
     params:
         cfg=lambda w: ccfg(w, "tiling"),
         grid=lambda w: int(ccfg(w, "tokens").get("grid", 14)),

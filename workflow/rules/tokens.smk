@@ -3,15 +3,17 @@
 
 
 rule tokens:
+    conda:
+        "../../envs/morphomol.yaml"
     input:
-        tiles=SAMPLE_DIR + "/tiles.parquet",
-        store=SAMPLE_DIR + "/tiles.zarr",
-        registration=SAMPLE_DIR + "/registration.json",
+        tiles=f"{SAMPLE_DIR}/tiles.parquet",
+        store=f"{SAMPLE_DIR}/tiles.zarr",
+        registration=f"{SAMPLE_DIR}/registration.json",
         xenium=sample_field("xenium_dir"),
     output:
-        tokens=directory(SAMPLE_DIR + "/tokens.zarr"),
-        counts=SAMPLE_DIR + "/counts.h5ad",
-        targets=SAMPLE_DIR + "/targets.parquet",
+        tokens=directory(f"{SAMPLE_DIR}/tokens.zarr"),
+        counts=f"{SAMPLE_DIR}/counts.h5ad",
+        targets=f"{SAMPLE_DIR}/targets.parquet",
     params:
         io=lambda w: ccfg(w, "io"),
         tiling=lambda w: ccfg(w, "tiling"),
