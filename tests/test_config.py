@@ -130,7 +130,10 @@ def test_sheet_relative_to_workdir(tmp_path):
 
 def test_settings_and_runnability(tmp_path):
     settings = load_settings(REPO / "config" / "experiments" / "table_a1.yaml")
-    assert len([s for s in settings.values() if s.get("paper_row") is not None]) == 34
+    table_a1 = [s for s in settings.values() if s.get("kind", "regression") == "regression" and s.get("paper_row") is not None]
+    assert sorted(s["paper_row"] for s in table_a1) == list(range(34))
+    assert any(s.get("kind") == "min_mae" for s in settings.values())
+    assert sum(s.get("kind") == "clip" for s in settings.values()) == 2
     needs = {n: s for n, s in settings.items() if s.get("requires_weights")}
     assert needs, "some settings need external weights"
     name, s = next(iter(needs.items()))

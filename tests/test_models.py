@@ -33,6 +33,14 @@ def settings() -> dict[str, ModelSetting]:
     return load_settings(SETTINGS_FILE)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: oversubscribed threads are much slower than one
+    yield
+    torch.set_num_threads(old)
+
+
 def make_batch(b: int = B, *, zero_tokens: bool = False, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     tokens = torch.poisson(torch.full((b, N_TOKENS, G), 0.7), generator=g)
@@ -86,8 +94,9 @@ def test_runnable_depends_on_configured_weights(settings):
     s = settings["late_add_conch_fz_gf_tile"]
     assert missing_weights(s, {"conch": {"weights": "c.safetensors"}}) == ["geneformer"]
     assert is_runnable(s, {"conch": {"weights": "c.bin"}, "geneformer": {"weights": "g.bin"}})
-    # the dict form (Snakemake's SETTINGS) works too
+    # the dict form (Snakemake's SETTINGS) works too, and round-trips
     assert is_runnable(s.to_dict(), {"conch": {"weights": "c"}, "geneformer": {"weights": "g"}})
+    assert all(ModelSetting.from_dict(n, x.to_dict()) == x for n, x in settings.items())
 
 
 def test_invalid_settings_raise_input_error(tmp_path):

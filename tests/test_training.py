@@ -296,7 +296,7 @@ def write_cohort(root: Path, n_per_sample: int = 40, samples=("S0", "S1", "S2", 
         t.create_array("gene", data=np.concatenate(gn).astype(np.uint16))
         t.create_array("count", data=np.concatenate(ct).astype(np.uint32))
         t.create_array("tile_counts", data=full_tc, chunks=(chunk, len(all_genes)))
-        part = ["fit", "fit", "val", "test"][si]
+        part = ["fit", "fit", "val", "test"][si % 4]
         rows += [{"tile_id": f"{s}__{i:06d}", "sample_id": s, "patient_id": f"P{si}", "index": i, "partition": part}
                  for i in range(n)]
     (cdir / "splits").mkdir(parents=True)

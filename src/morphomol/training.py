@@ -222,6 +222,7 @@ class StoreSplit:
         from morphomol import store
 
         images, tokens = "image" in fields, "tokens" in fields
+        drop_last = drop_last and len(self) >= batch_size  # as epoch_batches: never drop the only batch
         key = (batch_size, seed, shuffle, drop_last, images, tokens, num_workers, pin_memory)
         if key not in self._loaders:
             self._loaders[key] = store.make_loader(
@@ -497,6 +498,7 @@ def fit(
     fingerprint: str,
     batch_size: int | None = None,
     drop_last: bool = False,
+    val_name: str = "val_mse",
     on_step: Callable[[int], None] | None = None,
 ) -> FitResult:
     """Train ``model`` in place; on return it holds the best (lowest validation score) weights.
@@ -562,10 +564,8 @@ def fit(
                                   drop_last=drop_last, skip=st["batch"], num_workers=cfg.num_workers,
                                   pin_memory=device.type == "cuda")
             for batch in stream:
-                lrs = []
                 for g in optimizer.param_groups:
                     g["lr"] = learning_rate(st["step"], g["base_lr"], cfg.min_lr, warmup_steps, total_steps)
-                    lrs.append(g["lr"])
                 batch = to_device(batch, device)
                 loss = train_step(step_model, batch, optimizer, loss_fn, trainable, cfg.grad_clip, device)
                 n = len(batch["tile_id"])
@@ -598,13 +598,13 @@ def fit(
                 best_state = _cpu_state(raw)
             else:
                 st["bad_epochs"] += 1
-            rec = {"epoch": epoch, "loss": st["epoch_loss_sum"] / max(1, st["epoch_tiles"]), "val": val, **extras,
+            rec = {"epoch": epoch, "loss": st["epoch_loss_sum"] / max(1, st["epoch_tiles"]), val_name: val, **extras,
                    "tiles_per_second": st["epoch_tiles"] / max(st["epoch_seconds"], 1e-9),
                    "lr_head": optimizer.param_groups[0]["lr"]}
             st["history"].append(rec)
             extra_txt = " ".join(f"{k} {v:.4f}" for k, v in extras.items())
-            log.info("epoch %d/%d loss %.4f val %.4f %s | %.1f tiles/s | lr %s%s", epoch + 1, cfg.epochs, rec["loss"],
-                     val, extra_txt, rec["tiles_per_second"],
+            log.info("epoch %d/%d loss %.4f %s %.4f %s | %.1f tiles/s | lr %s%s", epoch + 1, cfg.epochs, rec["loss"],
+                     val_name, val, extra_txt, rec["tiles_per_second"],
                      "/".join(f"{g['lr']:.2e}" for g in optimizer.param_groups), " *" if improved else "")
             epoch += 1
             st.update(epoch=epoch, batch=0, epoch_loss_sum=0.0, epoch_tiles=0, epoch_seconds=0.0)
@@ -657,12 +657,13 @@ def _run_context(cfg: TrainConfig) -> Iterator[torch.device]:
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, ds: BatchSource, fields: Sequence[str], batch_size: int,
-            device: torch.device) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(tile_ids, y, y_hat) over a whole split in its own order."""
+            device: torch.device, num_workers: int = 0) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(tile_ids, y, y_hat) over a whole split in the loader's unshuffled order."""
     model.eval()
     ids: list[str] = []
     ys, yh = [], []
-    for batch in ds.epoch(0, batch_size=batch_size, fields=fields, shuffle=False):
+    for batch in ds.epoch(0, batch_size=batch_size, fields=fields, shuffle=False, num_workers=num_workers,
+                          pin_memory=device.type == "cuda"):
         batch = to_device(batch, device)
         with _autocast(device):
             out = model(batch)
@@ -795,7 +796,7 @@ def train_setting(
                  device, len(splits["fit"]), len(splits["val"]), len(splits["test"]), counts, fields)
 
         def validate(m: torch.nn.Module) -> tuple[float, dict[str, float]]:
-            _, y, y_hat = predict(m, splits["val"], fields, cfg.batch_size, device)
+            _, y, y_hat = predict(m, splits["val"], fields, cfg.batch_size, device, cfg.num_workers)
             pg = evaluation.per_gene_metrics(y, y_hat, data.addon_genes)
             mse = float(((y_hat - y) ** 2).mean())
             return mse, {"val_pearson": evaluation.summarize(pg)["pearson"]}
@@ -807,7 +808,7 @@ def train_setting(
         res = fit(model, splits["fit"], fields, cfg, outs.work_dir, loss_fn=regression_loss, validate=validate,
                   fingerprint=fp, on_step=on_step)
 
-        ids, y, y_hat = predict(model, splits["test"], fields, cfg.batch_size, device)
+        ids, y, y_hat = predict(model, splits["test"], fields, cfg.batch_size, device, cfg.num_workers)
 
     report = evaluation.regression_report(y, y_hat, data.addon_genes)
     metrics = {
@@ -902,10 +903,12 @@ def run_min_mae(data: FoldData, out: str | Path | RunOutputs, *, fold: int = 0, 
 
 @torch.no_grad()
 def clip_embeddings(model: ClipModel, ds: BatchSource, fields: Sequence[str], batch_size: int,
-                    device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+                    device: torch.device, num_workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """L2-normalised (image, transcript) embeddings of a split, in the loader's unshuffled order."""
     model.eval()
     imgs, txts = [], []
-    for batch in ds.epoch(0, batch_size=batch_size, fields=fields, shuffle=False):
+    for batch in ds.epoch(0, batch_size=batch_size, fields=fields, shuffle=False, num_workers=num_workers,
+                          pin_memory=device.type == "cuda"):
         batch = to_device(batch, device)
         with _autocast(device):
             i, t = model(batch)
@@ -941,13 +944,16 @@ def train_clip(
             model = model.to(memory_format=torch.channels_last)
         log.info("CLIP %s fold %d on %s: fit %d / val %d / test %d tiles, batch %d", s.name, fold, device,
                  len(data.fit), len(data.val), len(data.test), bs)
+        if len(data.fit) < bs:
+            log.warning("fit partition (%d tiles) is smaller than training.clip_batch_size (%d): one smaller "
+                        "contrastive batch per epoch", len(data.fit), bs)
 
         def loss_fn(m: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
             img, txt = m(batch)
             return clip_loss(img, txt, model.scale())
 
         def validate(m: torch.nn.Module) -> tuple[float, dict[str, float]]:
-            img, txt = clip_embeddings(model, data.val, fields, bs, device)
+            img, txt = clip_embeddings(model, data.val, fields, bs, device, cfg.num_workers)
             scale = model.scale().detach().float().cpu()
             losses = [float(clip_loss(torch.from_numpy(img[i:i + bs]), torch.from_numpy(txt[i:i + bs]), scale))
                       for i in range(0, len(img), bs) if len(img[i:i + bs]) > 1]
@@ -959,8 +965,8 @@ def train_clip(
                           model=mcfg, fit=_ids_digest(data.fit.tile_ids), core=data.core_genes,
                           vit_weights=vit_weights, fold=fold)
         res = fit(model, data.fit, fields, cfg, outs.work_dir, loss_fn=loss_fn, validate=validate, fingerprint=fp,
-                  batch_size=bs, drop_last=True, on_step=on_step)
-        img, txt = clip_embeddings(model, data.test, fields, bs, device)
+                  batch_size=bs, drop_last=True, val_name="val_infonce", on_step=on_step)
+        img, txt = clip_embeddings(model, data.test, fields, bs, device, cfg.num_workers)
 
     rec = evaluation.recall_at_k(img, txt, ks=(1, 5), chunk_size=bs, seed=cfg.seed)
     metrics = {"setting": s.name, "fold": int(fold), "kind": "clip", "status": "ok",
