@@ -344,3 +344,39 @@ def test_store_backed_runs_resume_and_match_the_split(tmp_path):
     mm = run_from_stores(outputs=RunOutputs.in_dir(tmp_path / "minmae"), **{**common, "setting": SETTINGS[
         "min_mae"].to_dict(), "setting_name": "min_mae"})
     assert mm["source_gene"]["ADD0"] == "CORE0"
+
+
+CHILD = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from test_training import SETTINGS, TINY, cfg, fold_data
+from morphomol.training import train_setting
+
+def slow(step):
+    print("STEP", step, flush=True)
+    time.sleep(0.3)
+
+train_setting(SETTINGS["expr_mlp_token"], fold_data(64, 16, 16), {out!r}, train_cfg=cfg(epochs=3), model_cfg=TINY,
+              on_step=slow)
+"""
+
+
+def test_sigterm_to_a_training_process(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    code = CHILD.format(tests=str(Path(__file__).parent), out=str(out))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # 4 steps per epoch: stop in the middle of epoch 2
+        if line.strip() == "STEP 6":
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143, rest
+    assert (out / RESUME_NAME).exists() and not (out / "metrics.json").exists()
+    got = train_setting(SETTINGS["expr_mlp_token"], fold_data(64, 16, 16), out, train_cfg=cfg(epochs=3), model_cfg=TINY)
+    ref = train_setting(SETTINGS["expr_mlp_token"], fold_data(64, 16, 16), tmp_path / "ref", train_cfg=cfg(epochs=3),
+                        model_cfg=TINY)
+    assert got["resumed"] and not ref["resumed"]
+    assert got["per_gene"] == ref["per_gene"] and got["best_epoch"] == ref["best_epoch"]

@@ -43,7 +43,7 @@ def _tables_config(w):
     cfg = {}
     for key, value in COHORTS[w.cohort].items():
         if hasattr(value, "reset_index"):
-            value = value.reset_index(drop=True).astype(str).to_dict(orient="records")
+            value = value.reset_index(drop=value.index.name in value.columns).astype(str).to_dict(orient="records")
         cfg[key] = value
     return cfg
 
