@@ -129,3 +129,37 @@ def test_eval_order_and_tile_arrays(cohort):
     np.testing.assert_allclose(first["targets"].numpy(), te.targets[:10], rtol=1e-6)
     with pytest.raises(InputError, match="not in this sample"):
         store.make_loader(cohort, 1, "test", panel={"core": ["NOPE"], "addon": ["G09"]}, shuffle=False).__iter__().__next__()
+
+
+def test_direct_chunk_reads_match_zarr(cohort):
+    st = store.SampleStore(cohort / "samples" / "A")
+    n, C = st.n_tiles, st.chunk_tiles
+    rd = st.image_chunks
+    assert rd.base is not None  # the writers' layout takes the direct path
+    for c in range(-(-n // C)):
+        got = rd.read(c, rd.empty())
+        np.testing.assert_array_equal(got, np.asarray(st.images[c * C:min(n, (c + 1) * C)]))
+    g = st._open_tokens()
+    for i0, i1 in [(0, n), (1, n - 1), (n // 2, n // 2 + 1), (3, 3)]:
+        ip, tk, gn, ct = st.read_tokens(i0, i1)
+        a, b = int(st.indptr[i0]), int(st.indptr[i1])
+        np.testing.assert_array_equal(tk, g["token"][a:b])
+        np.testing.assert_array_equal(gn, g["gene"][a:b])
+        np.testing.assert_array_equal(ct, g["count"][a:b])
+        np.testing.assert_array_equal(st.read_tile_counts(i0, i1), g["tile_counts"][i0:i1])
+    np.testing.assert_array_equal(st.read_tile_counts(), g["tile_counts"][:])
+
+
+def test_worker_batches_equal_in_process_batches(cohort):
+    """Workers build batches in shared memory; contents must equal the in-process ones."""
+    mk = lambda w, fmt: store.make_loader(cohort, 0, "fit", batch_size=16, seed=2, num_workers=w, buffer_chunks=2,
+                                         token_format=fmt)
+    ref = {tuple(b["tile_id"]): b for b in _epoch(mk(0, "dense"), 1)}
+    for fmt in ("dense", "coo"):
+        got = _epoch(mk(2, fmt), 1)
+        assert sorted(tuple(b["tile_id"]) for b in got) == sorted(ref)
+        for b in got:
+            r = ref[tuple(b["tile_id"])]
+            torch.testing.assert_close(store.densify_tokens(b), r["tokens"], rtol=0, atol=0)
+            for f in ("image", "tile_counts", "targets", "index"):
+                torch.testing.assert_close(b[f], r[f], rtol=0, atol=0)

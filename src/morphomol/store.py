@@ -6,7 +6,13 @@ shuffled, filled into a buffer of ``buffer_chunks`` chunks, the buffer's tiles s
 and cut into batches (remainder carried into the next buffer). The batches of one buffer
 fill form a *unit*; DataLoader worker ``w`` of ``W`` handles units ``w, w+W, ...`` so every
 chunk is decoded by one worker only. Zarr handles are opened lazily inside each worker
-and kept (persistent workers). The set of batches of an epoch depends only on
+and kept (persistent workers). Chunks of the writers' plain layout (bytes [+ Blosc], no sharding,
+local store) are read straight from their files and decoded into reused buffers
+(:class:`_ChunkFiles`; zarr slicing otherwise); a batch is assembled by numba kernels with one
+copy per tile; in DataLoader workers the batch tensors are allocated in shared memory, so handing
+them to the trainer copies nothing. ``token_format="coo"`` is the fast path for GPU training
+(:func:`densify_tokens` scatters on the device); dense tokens cost B*196*G_core*4 bytes a batch.
+The set of batches of an epoch depends only on
 ``(seed, epoch, batch_size, buffer_chunks)``; their order also on ``num_workers``
 (DataLoader round-robin over workers).
 
@@ -38,16 +44,36 @@ from morphomol.logs import get_logger
 log = get_logger("store")
 
 N_TOKENS = 196
-_GATHER: list = []
+_K: dict[str, Any] = {}
 
 
-def _gather_kernel():
-    """numba: one pass over a chunk's token entries for the selected tiles -> flat COO."""
-    if not _GATHER:
+def _kernels() -> dict[str, Any]:
+    """numba kernels of the collate step (compiled once per process, cached on disk)."""
+    if not _K:
         import numba as nb
 
         @nb.njit(cache=True, nogil=True)
-        def gather(ip, tk, gn, ct, off, pos, lut, Gc, flat, vals, w):
+        def take_rows(src, off, pos, dst):  # type: ignore[no-untyped-def]
+            # dst[pos[k]] = src[off[k]] for 2-D (rows, bytes) views: one copy per tile
+            R = src.shape[1]
+            for k in range(off.shape[0]):
+                s = src[off[k]]
+                d = dst[pos[k]]
+                for j in range(R):
+                    d[j] = s[j]
+
+        @nb.njit(cache=True, nogil=True)
+        def take_counts(tc, off, pos, core_idx, addon_idx, core, addon):  # type: ignore[no-untyped-def]
+            for k in range(off.shape[0]):
+                o, p = off[k], pos[k]
+                for j in range(core_idx.shape[0]):
+                    core[p, j] = tc[o, core_idx[j]]
+                for j in range(addon_idx.shape[0]):
+                    addon[p, j] = tc[o, addon_idx[j]]
+
+        @nb.njit(cache=True, nogil=True)
+        def gather_coo(ip, tk, gn, ct, off, pos, lut, Gc, flat, vals, w):  # type: ignore[no-untyped-def]
+            # one pass over a chunk's token entries for the selected tiles -> flat COO
             for q in range(off.shape[0]):
                 o = off[q]
                 base = pos[q] * 196
@@ -60,12 +86,115 @@ def _gather_kernel():
             return w
 
         @nb.njit(cache=True, nogil=True)
-        def scatter(flat, vals, n, out):
-            for i in range(n):
-                out[flat[i]] = vals[i]
+        def gather_dense(ip, tk, gn, ct, off, pos, lut, Gc, out):  # type: ignore[no-untyped-def]
+            # straight into the zeroed (B*196*Gc,) output; no intermediate COO
+            for q in range(off.shape[0]):
+                o = off[q]
+                base = pos[q] * 196
+                for e in range(ip[o], ip[o + 1]):
+                    g = lut[gn[e]]
+                    if g >= 0:
+                        out[(base + tk[e]) * Gc + g] = ct[e]
 
-        _GATHER.extend([gather, scatter])
-    return _GATHER
+        _K.update(take_rows=take_rows, take_counts=take_counts, gather_coo=gather_coo, gather_dense=gather_dense)
+    return _K
+
+
+def _alloc(shape: tuple[int, ...], dtype: Any, *, shared: bool, zero: bool = False) -> tuple[Any, np.ndarray]:
+    """(tensor, numpy view of it). ``shared`` (DataLoader workers): the storage is created in
+    shared memory, so handing the batch to the main process copies nothing (a private buffer
+    would be copied into shared memory by torch's pickler). New shared memory is zero-filled."""
+    torch = _torch()
+    if shared:
+        tdt = torch.from_numpy(np.empty(0, dtype)).dtype
+        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        t = torch.empty(0, dtype=tdt).set_(torch.UntypedStorage._new_shared(max(n, 1)), 0, shape)
+        return t, t.numpy()
+    a = np.zeros(shape, dtype) if zero else np.empty(shape, dtype)
+    return torch.from_numpy(a), a
+
+
+class _ChunkFiles:
+    """Whole-chunk reads of a zarr v3 array on a local store, decoded straight into a caller's
+    buffer (no zarr event-loop round trip, no intermediate copy). Only for the plain layouts the
+    writers produce (bytes codec, optionally one Blosc codec, no sharding, chunks spanning every
+    axis but the first); :meth:`read` falls back to zarr slicing for anything else."""
+
+    def __init__(self, arr: Any) -> None:
+        self.arr = arr
+        self.C = int(arr.chunks[0])
+        self.n = int(arr.shape[0])
+        self.row_shape = tuple(int(x) for x in arr.shape[1:])
+        self.dtype = np.dtype(arr.dtype)
+        self.base: Path | None = None
+        self.blosc = False
+        try:
+            from zarr.storage import LocalStore
+
+            meta = arr.metadata
+            names = [type(c).__name__ for c in meta.codecs]
+            if (meta.zarr_format == 3 and isinstance(arr.store, LocalStore)
+                    and tuple(int(x) for x in arr.chunks[1:]) == self.row_shape
+                    and names in (["BytesCodec"], ["BytesCodec", "BloscCodec"])
+                    and (self.dtype.itemsize == 1 or meta.codecs[0].endian is None
+                         or meta.codecs[0].endian.value == ("little" if np.little_endian else "big"))):
+                self.blosc = len(names) == 2
+                self.base = Path(arr.store.root) / arr.path
+                self._key = meta.encode_chunk_key
+                self.fill = meta.fill_value
+        except Exception:  # any surprise: use zarr itself
+            self.base = None
+
+    def empty(self) -> np.ndarray:
+        return np.empty((self.C, *self.row_shape), self.dtype)
+
+    def _decode(self, c: int, out: np.ndarray) -> bool:
+        """Whole chunk ``c`` into ``out`` (a full (C, ...) buffer); False: use zarr instead."""
+        if self.base is None:
+            return False
+        p = self.base / self._key((c,) + (0,) * len(self.row_shape))
+        try:
+            with open(p, "rb") as f:
+                if not self.blosc:
+                    return f.readinto(memoryview(out).cast("B")) == out.nbytes
+                data = f.read()
+        except FileNotFoundError:  # never written: all fill value
+            out[...] = self.fill
+            return True
+        from numcodecs import blosc
+
+        # blosc header: bytes 4..8 = uncompressed size (little endian)
+        if len(data) < 16 or int.from_bytes(data[4:8], "little") != out.nbytes:
+            return False
+        blosc.decompress(data, out)
+        return True
+
+    def read(self, c: int, out: np.ndarray) -> np.ndarray:
+        """Rows of chunk ``c`` into ``out`` ((C, *row_shape)); returns ``out[:rows in chunk]``."""
+        i0 = c * self.C
+        m = min(self.C, self.n - i0)
+        if not self._decode(c, out):
+            out[:m] = self.arr[i0:i0 + m]
+        return out[:m]
+
+    def read_range(self, i0: int, i1: int) -> np.ndarray:
+        """Rows [i0, i1) (chunks fully inside are decoded in place, edge chunks through a scratch buffer)."""
+        out = np.empty((i1 - i0, *self.row_shape), self.dtype)
+        if i1 <= i0:
+            return out
+        tmp = None
+        for c in range(i0 // self.C, (i1 - 1) // self.C + 1):
+            c0 = c * self.C
+            lo, hi = max(i0, c0), min(i1, c0 + self.C)
+            if lo == c0 and hi == c0 + self.C and self._decode(c, out[lo - i0:hi - i0]):
+                continue
+            if tmp is None:
+                tmp = self.empty()
+            if self._decode(c, tmp):
+                out[lo - i0:hi - i0] = tmp[lo - c0:hi - c0]
+            else:
+                out[lo - i0:hi - i0] = self.arr[lo:hi]
+        return out
 
 
 # ----------------------------------------------------------------------------- per sample
@@ -75,6 +204,8 @@ class SampleStore:
     def __init__(self, sample_dir: str | Path) -> None:
         self.dir = Path(sample_dir)
         self._img = None
+        self._img_chunks: _ChunkFiles | None = None
+        self._tok_readers: dict[str, _ChunkFiles] = {}
         self._tok: Any = None
         self._indptr: np.ndarray | None = None
         self._genes: list[str] | None = None
@@ -107,6 +238,13 @@ class SampleStore:
         return int(self.images.chunks[0])
 
     @property
+    def image_chunks(self) -> _ChunkFiles:
+        """Whole-chunk reader of ``images`` (see :class:`_ChunkFiles`)."""
+        if self._img_chunks is None:
+            self._img_chunks = _ChunkFiles(self.images)
+        return self._img_chunks
+
+    @property
     def genes(self) -> list[str]:
         self._open_tokens()
         assert self._genes is not None
@@ -125,16 +263,22 @@ class SampleStore:
     def read_images(self, i0: int, i1: int) -> np.ndarray:
         return np.asarray(self.images[i0:i1])
 
+    def _tok_reader(self, name: str) -> _ChunkFiles:
+        if name not in self._tok_readers:
+            self._tok_readers[name] = _ChunkFiles(self._open_tokens()[name])
+        return self._tok_readers[name]
+
     def read_tokens(self, i0: int, i1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(local indptr (n+1,), token uint8, gene uint16, count) for tiles [i0, i1)."""
-        g = self._open_tokens()
         ip = self.indptr
         a, b = int(ip[i0]), int(ip[i1])
-        return ip[i0:i1 + 1] - a, np.asarray(g["token"][a:b]), np.asarray(g["gene"][a:b]), np.asarray(g["count"][a:b])
+        return (ip[i0:i1 + 1] - a, self._tok_reader("token").read_range(a, b),
+                self._tok_reader("gene").read_range(a, b), self._tok_reader("count").read_range(a, b))
 
     def read_tile_counts(self, i0: int | None = None, i1: int | None = None) -> np.ndarray:
-        g = self._open_tokens()
-        return np.asarray(g["tile_counts"][slice(i0, i1)])
+        r = self._tok_reader("tile_counts")
+        a, b, _ = slice(i0, i1).indices(r.n)
+        return r.read_range(a, max(a, b))
 
     def gene_index(self, genes: Sequence[str]) -> np.ndarray:
         pos = {g: i for i, g in enumerate(self.genes)}
@@ -267,18 +411,28 @@ class TileStream:
         self.core, self.addon = list(self.panel["core"]), list(self.panel["addon"])
         self._stores: dict[int, SampleStore] | None = None
         self._maps: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._pool: dict[int, list[np.ndarray]] = {}  # free image-chunk buffers per sample
         # chunk layout (opened once here, in the parent, only for the chunk size)
         self.chunks: list[tuple[int, int, np.ndarray]] = []
-        self.tile_ids: dict[int, dict[int, str]] = {}
+        self.chunk_size = np.zeros(len(self.samples), np.int64)
+        self._id_base = np.zeros(len(self.samples), np.int64)  # tile_id of (s, i) = _ids[_id_base[s] + i]
+        id_parts = []
         for si, s in enumerate(self.samples):
             df = split[split["sample_id"].astype(str) == s]
-            idx = np.sort(df["index"].to_numpy(np.int64))
-            self.tile_ids[si] = dict(zip(df["index"].to_numpy(np.int64).tolist(), df["tile_id"].astype(str), strict=True))
+            raw = df["index"].to_numpy(np.int64)
+            idx = np.sort(raw)
+            ids = np.empty(int(idx[-1]) + 1, object)
+            ids[raw] = df["tile_id"].astype(str).to_numpy(object)
+            self._id_base[si] = sum(len(x) for x in id_parts)
+            id_parts.append(ids)
             C = SampleStore(self.cohort_dir / "samples" / s).chunk_tiles
+            self.chunk_size[si] = C
             ck = idx // C
             for c in np.unique(ck):
                 self.chunks.append((si, int(c), idx[ck == c]))
+        self._ids = np.concatenate(id_parts)
         self.n_tiles = int(sum(len(c[2]) for c in self.chunks))
+        self._len: int | None = None
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
 
     # epoch handling (shared with worker processes through shared memory)
@@ -295,7 +449,9 @@ class TileStream:
                           drop_last=self.drop_last)
 
     def __len__(self) -> int:
-        return sum(len(u) for u in self.plan(0))
+        if self._len is None:  # the same for every epoch: full batches + the final remainder
+            self._len = sum(len(u) for u in self.plan(0))
+        return self._len
 
     def _store(self, si: int) -> SampleStore:
         if self._stores is None:
@@ -313,72 +469,78 @@ class TileStream:
         st = self._store(si)
         C = st.chunk_tiles
         i0, i1 = c * C, min((c + 1) * C, st.n_tiles)
-        d: dict[str, Any] = {"i0": i0, "tc": st.read_tile_counts(i0, i1)}
+        d: dict[str, Any] = {"si": si, "i0": i0, "tc": st.read_tile_counts(i0, i1)}
         if self.want_images:
-            d["img"] = st.read_images(i0, i1)
+            rd = st.image_chunks
+            pool = self._pool.setdefault(si, [])
+            d["buf"] = pool.pop() if pool else rd.empty()
+            d["img"] = rd.read(c, d["buf"]).reshape(i1 - i0, -1)
         if self.want_tokens:
             d["tok"] = st.read_tokens(i0, i1)
         return d
 
-    def _collate(self, batch: np.ndarray, cache: dict[tuple[int, int], dict[str, Any]]) -> dict[str, Any]:
+    def _release(self, ch: dict[str, Any]) -> None:
+        if "buf" in ch:
+            pool = self._pool.setdefault(ch["si"], [])
+            if len(pool) < 2 * self.buffer_chunks + 2:
+                pool.append(ch.pop("buf"))
+
+    def _collate(self, batch: np.ndarray, cur: dict[tuple[int, int], dict[str, Any]],
+                 prev: dict[tuple[int, int], dict[str, Any]], shared: bool = False) -> dict[str, Any]:
         torch = _torch()
+        k = _kernels()
         B = len(batch)
         Gc, Ga = len(self.core), len(self.addon)
+        si_all, idx_all = batch[:, 0], batch[:, 1]
+        ck_all = idx_all // self.chunk_size[si_all]
+        # group the batch's tiles by chunk (positions stay in batch order inside a group)
+        key = si_all * (1 << 40) + ck_all
+        order = np.argsort(key, kind="stable")
+        cuts = np.flatnonzero(np.diff(key[order])) + 1
+        groups = []
+        for g in np.split(order, cuts):
+            kk = (int(si_all[g[0]]), int(ck_all[g[0]]))
+            ch = cur.get(kk) or prev.get(kk)
+            if ch is None:
+                ch = cur[kk] = self._read_chunk(*kk)
+            elif kk not in cur:
+                cur[kk] = ch  # still needed by this unit: keep it past the next release
+            groups.append((ch, (idx_all[g] - ch["i0"]).astype(np.int64), g.astype(np.int64)))
         out: dict[str, Any] = {}
-        img = np.empty((B, 224, 224, 3), np.uint8) if self.want_images else None
-        tc_core = np.empty((B, Gc), np.float32)
-        tgt = np.empty((B, Ga), np.float32)
-        flat_parts, val_parts = [], []
-        gather, scatter = _gather_kernel() if self.want_tokens else (None, None)
-        tile_ids: list[str] = [""] * B
-        for si in np.unique(batch[:, 0]):
-            sel_s = np.flatnonzero(batch[:, 0] == si)
-            st = self._store(int(si))
-            C = st.chunk_tiles
-            core_idx, addon_idx, lut = self._maps[int(si)]
-            ids = self.tile_ids[int(si)]
-            idx_s = batch[sel_s, 1]
-            for c in np.unique(idx_s // C):
-                key = (int(si), int(c))
-                if key not in cache:
-                    cache[key] = self._read_chunk(int(si), int(c))
-                ch = cache[key]
-                m = idx_s // C == c
-                pos = sel_s[m]
-                off = idx_s[m] - ch["i0"]
-                if img is not None:
-                    img[pos] = ch["img"][off]
-                tc = ch["tc"][off]
-                tc_core[pos] = tc[:, core_idx]
-                tgt[pos] = np.log1p(tc[:, addon_idx].astype(np.float32))
-                for p, i in zip(pos.tolist(), idx_s[m].tolist(), strict=True):
-                    tile_ids[p] = ids[i]
-                if self.want_tokens:
-                    ip, tk, gn, ct = ch["tok"]
-                    tot = int((ip[off + 1] - ip[off]).sum())
-                    if tot:
-                        flat = np.empty(tot, np.int64)
-                        vals = np.empty(tot, np.float32)
-                        k = gather(ip, tk, gn, ct, off.astype(np.int64), pos.astype(np.int64), lut, Gc, flat, vals, 0)
-                        flat_parts.append(flat[:k])
-                        val_parts.append(vals[:k])
-        if img is not None:
-            out["image"] = torch.from_numpy(img)
+        if self.want_images:
+            t_img, img = _alloc((B, *groups[0][0]["buf"].shape[1:]), np.uint8, shared=shared)
+            img2 = img.reshape(B, -1)
+            for ch, off, pos in groups:
+                k["take_rows"](ch["img"], off, pos, img2)
+            out["image"] = t_img
+        t_core, tc_core = _alloc((B, Gc), np.float32, shared=shared)
+        t_tgt, tgt = _alloc((B, Ga), np.float32, shared=shared)
+        for ch, off, pos in groups:
+            core_idx, addon_idx, _ = self._maps[ch["si"]]
+            k["take_counts"](ch["tc"], off, pos, core_idx, addon_idx, tc_core, tgt)
+        np.log1p(tgt, out=tgt)
         if self.want_tokens:
-            flat = np.concatenate(flat_parts) if flat_parts else np.empty(0, np.int64)
-            vals = np.concatenate(val_parts) if val_parts else np.empty(0, np.float32)
             if self.token_format == "dense":
-                dense = np.zeros(B * N_TOKENS * Gc, np.float32)
-                scatter(flat, vals, len(flat), dense)
-                out["tokens"] = torch.from_numpy(dense.reshape(B, N_TOKENS, Gc))
+                t_tok, dense = _alloc((B * N_TOKENS * Gc,), np.float32, shared=shared, zero=True)
+                for ch, off, pos in groups:
+                    ip, tk, gn, ct = ch["tok"]
+                    k["gather_dense"](ip, tk, gn, ct, off, pos, self._maps[ch["si"]][2], Gc, dense)
+                out["tokens"] = t_tok.view(B, N_TOKENS, Gc)
             else:
-                out["token_index"] = torch.from_numpy(flat)
-                out["token_value"] = torch.from_numpy(vals)
+                tot = sum(int((ch["tok"][0][off + 1] - ch["tok"][0][off]).sum()) for ch, off, pos in groups)
+                t_flat, flat = _alloc((tot,), np.int64, shared=shared)
+                t_vals, vals = _alloc((tot,), np.float32, shared=shared)
+                w = 0
+                for ch, off, pos in groups:
+                    ip, tk, gn, ct = ch["tok"]
+                    w = k["gather_coo"](ip, tk, gn, ct, off, pos, self._maps[ch["si"]][2], Gc, flat, vals, w)
+                out["token_index"] = t_flat[:w]
+                out["token_value"] = t_vals[:w]
                 out["token_shape"] = (B, N_TOKENS, Gc)
-        out["tile_counts"] = torch.from_numpy(tc_core)
-        out["targets"] = torch.from_numpy(tgt)
-        out["index"] = torch.from_numpy(batch[:, 1].copy())
-        out["tile_id"] = tile_ids
+        out["tile_counts"] = t_core
+        out["targets"] = t_tgt
+        out["index"] = torch.from_numpy(idx_all.copy())
+        out["tile_id"] = self._ids[self._id_base[si_all] + idx_all].tolist()
         return out
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -386,29 +548,15 @@ class TileStream:
         info = torch.utils.data.get_worker_info()
         w, W = (0, 1) if info is None else (info.id, info.num_workers)
         units = self.plan()
-        cache: dict[tuple[int, int], dict[str, Any]] = {}
+        prev: dict[tuple[int, int], dict[str, Any]] = {}
         for u in units[w::W]:
-            new: dict[tuple[int, int], dict[str, Any]] = {}
+            cur: dict[tuple[int, int], dict[str, Any]] = {}
             for batch in u:
-                yield self._collate(batch, new if not cache else _Chained(new, cache))
-            cache = new  # keep the last unit's chunks (carried tiles come from them)
-
-
-class _Chained(dict):  # type: ignore[type-arg]
-    """Lookup in ``new`` then ``old``; inserts go to ``new``."""
-
-    def __init__(self, new: dict, old: dict) -> None:  # type: ignore[type-arg]
-        super().__init__()
-        self.new, self.old = new, old
-
-    def __contains__(self, k: object) -> bool:
-        return k in self.new or k in self.old
-
-    def __getitem__(self, k: Any) -> Any:
-        return self.new[k] if k in self.new else self.old[k]
-
-    def __setitem__(self, k: Any, v: Any) -> None:
-        self.new[k] = v
+                yield self._collate(batch, cur, prev, shared=info is not None)
+            for kk, ch in prev.items():  # chunks of two units ago: buffers back to the pool
+                if kk not in cur:
+                    self._release(ch)
+            prev = cur  # keep the last unit's chunks (carried tiles come from them)
 
 
 def densify_tokens(batch: dict[str, Any], device: Any = None) -> Any:
