@@ -228,7 +228,8 @@ class StoreSplit:
             self._loaders[key] = store.make_loader(
                 self.cohort_dir, self.fold, self.partition, self.panel, batch_size=batch_size, shuffle=shuffle,
                 seed=seed, num_workers=num_workers, buffer_chunks=self.buffer_chunks, drop_last=drop_last,
-                images=images, tokens=tokens, pin_memory=pin_memory)
+                images=images, tokens=tokens, pin_memory=pin_memory,
+                token_format="coo")  # sparse tokens cross the worker pipe; densified here
         loader = self._loaders[key]
         loader.set_epoch(epoch)
         for i, b in enumerate(loader):
