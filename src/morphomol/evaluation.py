@@ -31,11 +31,16 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy.stats import rankdata
 
 from morphomol.atomic import atomic_path
 
 METRICS = ("pearson", "spearman", "mse", "mae")
+
+
+def _column_ranks(a: np.ndarray) -> np.ndarray:
+    """Average ranks per column (ties share their mean rank, as scipy.stats.rankdata); pandas
+    instead of scipy.stats keeps every training job ~1 s quicker to start."""
+    return pd.DataFrame(a).rank(axis=0, method="average").to_numpy(dtype=np.float64)
 
 
 def _column_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -61,7 +66,7 @@ def per_gene_metrics(y: np.ndarray, y_hat: np.ndarray, genes: Sequence[str]) -> 
     if not np.isfinite(y_hat).all():
         raise ValueError("predictions contain NaN/inf")
     pear = _column_pearson(y, y_hat)
-    spear = _column_pearson(rankdata(y, axis=0), rankdata(y_hat, axis=0))
+    spear = _column_pearson(_column_ranks(y), _column_ranks(y_hat))
     err = y_hat - y
     return pd.DataFrame({"pearson": pear, "spearman": spear, "mse": (err**2).mean(axis=0),
                          "mae": np.abs(err).mean(axis=0)}, index=pd.Index(list(genes), name="gene"))

@@ -38,7 +38,7 @@ rule train:
         num_workers=None,  # training.num_workers loader processes feed the GPU
     log:
         "results/{cohort}/logs/train/{setting}/fold{fold}.log",
-    threads: 2
+    threads: _train_threads
     resources:
         gpu=1,
         mem_mb=_gpu_mem,
@@ -65,7 +65,7 @@ rule train_cpu:
         num_workers=0,  # counts + cached features: loading in the training process
     log:
         "results/{cohort}/logs/train/{setting}/fold{fold}.log",
-    threads: 2
+    threads: _train_threads
     resources:
         # cached features of every tile are held in memory (N x D float32)
         mem_mb=lambda w: max(4 * _cpu_mem(w), 16000),
@@ -116,7 +116,7 @@ rule clip:
         num_workers=None,
     log:
         "results/{cohort}/logs/train/{setting}/fold{fold}.log",
-    threads: 2
+    threads: _train_threads
     resources:
         gpu=1,
         mem_mb=_gpu_mem,

@@ -50,10 +50,19 @@ def _feature_paths(w):
             for enc in s.cached_encoders}
 
 
+def _training_params(w):
+    """The training section as the setting's kind reads it: clip_batch_size only reaches CLIP jobs,
+    so changing it reruns only those (Snakemake reruns a job when its params change)."""
+    cfg = dict(ccfg(w, "training") or {})
+    if _TRAIN_KIND[w.setting] != "clip":
+        cfg.pop("clip_batch_size", None)
+    return cfg
+
+
 def _train_params():
     return dict(
         setting=lambda w: dict(SETTINGS[w.setting]),
-        training=lambda w: dict(ccfg(w, "training") or {}),
+        training=_training_params,
         model=lambda w: dict(ccfg(w, "model") or {}),
         encoders=lambda w: dict(ccfg(w, "encoders") or {}),
         seed=lambda w: int(COHORTS[w.cohort].get("seed", config.get("seed", 0))),
@@ -71,3 +80,9 @@ def _cpu_mem(w):
 
 def _train_runtime(w):
     return int((ccfg(w, "resources") or {}).get("train_runtime_min", 480))
+
+
+def _train_threads(w):
+    """CPU threads of a training job (resources.train_threads): torch intra-op threads locally,
+    cpus-per-task under SLURM. Small models train faster as several 1-thread jobs side by side."""
+    return int((ccfg(w, "resources") or {}).get("train_threads", 2))
