@@ -70,19 +70,24 @@ def _train_params():
     )
 
 
+def _resource(w, key, default):
+    """An integer of the cohort's `resources` config section (defaults as in config/config.yaml)."""
+    return int((ccfg(w, "resources") or {}).get(key, default))
+
+
 def _gpu_mem(w):
-    return int((ccfg(w, "resources") or {}).get("gpu_mem_mb", 32000))
+    return _resource(w, "gpu_mem_mb", 32000)
 
 
 def _cpu_mem(w):
-    return int((ccfg(w, "resources") or {}).get("cpu_mem_mb", 4000))
+    return _resource(w, "cpu_mem_mb", 4000)
 
 
 def _train_runtime(w):
-    return int((ccfg(w, "resources") or {}).get("train_runtime_min", 480))
+    return _resource(w, "train_runtime_min", 480)
 
 
 def _train_threads(w):
     """CPU threads of a training job (resources.train_threads): torch intra-op threads locally,
     cpus-per-task under SLURM. Small models train faster as several 1-thread jobs side by side."""
-    return int((ccfg(w, "resources") or {}).get("train_threads", 2))
+    return _resource(w, "train_threads", 2)
