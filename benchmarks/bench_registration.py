@@ -207,7 +207,7 @@ def _peak_rss_kb() -> float:
 
 def run_one(work: Path, refine: str) -> None:
     """Child process: one registration; prints a JSON line with the figures."""
-    from morphomol.logs import setup_logging
+    from morphomol.util.logs import setup_logging
     from morphomol.registration import register_sample
 
     setup_logging(work / f"register_{refine}.log")

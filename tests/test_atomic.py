@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from morphomol.atomic import atomic_path
+from morphomol.util.atomic import atomic_path
 
 
 def test_file_is_renamed_only_on_success(tmp_path):

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from morphomol.errors import MorphomolError
-from morphomol.logs import get_logger, setup_logging
+from morphomol.util.logs import get_logger, setup_logging
 
 log = get_logger("cli")
 

@@ -80,7 +80,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from morphomol.errors import InputError
-from morphomol.logs import get_logger
+from morphomol.util.logs import get_logger
 
 log = get_logger("encoders")
 

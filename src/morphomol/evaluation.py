@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from morphomol.atomic import atomic_path
+from morphomol.util.atomic import atomic_path
 
 METRICS = ("pearson", "spearman", "mse", "mae")
 

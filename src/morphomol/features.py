@@ -7,7 +7,7 @@ CUDA and copied with ``non_blocking=True``; the model runs under bf16 autocast w
 on CUDA and in fp32 on CPU. Expression encoders (Geneformer) read ``tokens.zarr``'s
 ``tile_counts`` (N, G) with gene names from its ``genes`` attribute.
 
-Output (written to a temporary sibling and renamed, :func:`morphomol.atomic.atomic_path`):
+Output (written to a temporary sibling and renamed, :func:`morphomol.util.atomic.atomic_path`):
 ``features`` (N, D) float32, optional ``tokens`` (N, T, D) float16 (patch tokens), attrs
 ``encoder``, ``weights_sha256`` (or ``random-init:seed=N``), ``dim``, ``n_tiles``,
 ``tiles_store``, ``pooling``, ``arch`` (geometry), ``precision``.
@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from morphomol.atomic import atomic_path
+from morphomol.util.atomic import atomic_path
 from morphomol.encoders import create_encoder, get_spec
 from morphomol.errors import InputError
-from morphomol.logs import get_logger
+from morphomol.util.logs import get_logger
 
 log = get_logger("features")
 

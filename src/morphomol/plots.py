@@ -29,9 +29,9 @@ import pandas as pd  # noqa: E402
 from matplotlib.collections import PatchCollection  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from morphomol.atomic import atomic_path  # noqa: E402
+from morphomol.util.atomic import atomic_path  # noqa: E402
 from morphomol.errors import InputError  # noqa: E402
-from morphomol.logs import get_logger  # noqa: E402
+from morphomol.util.logs import get_logger  # noqa: E402
 
 log = get_logger("plots")
 

@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from morphomol.atomic import atomic_path
+from morphomol.util.atomic import atomic_path
 from morphomol.errors import InputError
 from morphomol.io.he import open_slide
 from morphomol.io.xenium import XeniumBundle
-from morphomol.logs import get_logger
+from morphomol.util.logs import get_logger
 
 __all__ = ["qc_sample", "check_panel_genes", "DensityGrid"]
 

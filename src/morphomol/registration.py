@@ -35,7 +35,7 @@ import numpy as np
 from scipy import ndimage, optimize
 from scipy.spatial import cKDTree
 
-from morphomol.atomic import atomic_path
+from morphomol.util.atomic import atomic_path
 from morphomol.errors import InputError, MorphomolError
 from morphomol.io.landmarks import (
     Keypoints,
@@ -44,7 +44,7 @@ from morphomol.io.landmarks import (
     read_regions_geojson,
     sha256_file,
 )
-from morphomol.logs import get_logger
+from morphomol.util.logs import get_logger
 
 log = get_logger("registration")
 

@@ -62,9 +62,9 @@ import pyarrow.parquet as pq
 import tifffile
 from scipy import ndimage
 
-from morphomol.atomic import atomic_path
+from morphomol.util.atomic import atomic_path
 from morphomol.errors import InputError
-from morphomol.logs import get_logger
+from morphomol.util.logs import get_logger
 
 __all__ = [
     "ADDON_KINDS",

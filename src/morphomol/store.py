@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from morphomol.errors import InputError
-from morphomol.logs import get_logger
+from morphomol.util.logs import get_logger
 
 log = get_logger("store")
 

@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from morphomol.atomic import atomic_path
+from morphomol.util.atomic import atomic_path
 from morphomol.errors import InputError
-from morphomol.logs import get_logger
+from morphomol.util.logs import get_logger
 
 log = get_logger("tables")
 

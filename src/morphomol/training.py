@@ -47,9 +47,9 @@ import torch
 import torch.nn.functional as F
 
 from morphomol import evaluation
-from morphomol.atomic import atomic_path
+from morphomol.util.atomic import atomic_path
 from morphomol.errors import InputError
-from morphomol.logs import get_logger
+from morphomol.util.logs import get_logger
 from morphomol.models import (
     N_TOKENS,
     ClipModel,

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from morphomol.errors import InputError
-from morphomol.logs import get_logger
+from morphomol.util.logs import get_logger
 
 __all__ = ["Slide", "open_slide", "PLAUSIBLE_MPP"]
 

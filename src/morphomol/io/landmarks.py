@@ -287,7 +287,7 @@ def read_regions_geojson(path: str | Path) -> list[RegionPolygon]:
 def write_keypoints(path: str | Path, fixed_px: np.ndarray, moving_px: np.ndarray,
                     regions: list[str] | None = None) -> None:
     """Write a keypoints CSV in the Xenium Explorer layout (used by tests, benchmarks, the simulator)."""
-    from morphomol.atomic import atomic_path
+    from morphomol.util.atomic import atomic_path
 
     fixed_px = np.asarray(fixed_px, float)
     moving_px = np.asarray(moving_px, float)

@@ -33,7 +33,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from morphomol.errors import InputError
-from morphomol.logs import get_logger
+from morphomol.util.logs import get_logger
 
 __all__ = [
     "CONTROL_PREFIXES",
@@ -43,6 +43,8 @@ __all__ = [
     "TranscriptBatch",
     "XeniumBundle",
     "is_control",
+    "bundle_files",
+    "read_gene_panel",
 ]
 
 log = get_logger("io.xenium")
@@ -190,31 +192,13 @@ class XeniumBundle:
 
     def gene_panel(self) -> list[str] | None:
         """Target gene names of ``gene_panel.json`` (controls excluded), or None if absent."""
-        f = self.path / "gene_panel.json"
-        if not f.is_file():
-            return None
-        try:
-            data = json.loads(f.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InputError(f"not valid JSON ({exc})", file=f, expected="gene_panel.json") from None
-        payload = data.get("payload", data) if isinstance(data, dict) else {}
-        targets = payload.get("targets") if isinstance(payload, dict) else None
-        if not isinstance(targets, list):
-            raise InputError("no target list", file=f, field="payload.targets", expected="a list of panel targets")
-        genes: list[str] = []
-        for t in targets:
-            if not isinstance(t, dict):
-                continue
-            typ = t.get("type", {}) if isinstance(t.get("type"), dict) else {}
-            dat = typ.get("data", {}) if isinstance(typ.get("data"), dict) else {}
-            name = dat.get("name", t.get("name"))
-            descriptor = str(typ.get("descriptor", "gene")).lower()
-            if name is None or descriptor != "gene":
-                continue
-            name = _normalise_name(name)
-            if not is_control(name) and name not in genes:
-                genes.append(name)
-        return genes
+        return read_gene_panel(self.path)
+
+    @staticmethod
+    def panel_targets(path: str | Path) -> list[str] | None:
+        """Gene targets of the bundle at ``path`` from its ``gene_panel.json`` (None when absent);
+        reads only that small file (config checks)."""
+        return read_gene_panel(path)
 
     # ------------------------------------------------------------------ files
     def _find_transcripts(self) -> Path:
@@ -518,6 +502,57 @@ class XeniumBundle:
 
 
 # ---------------------------------------------------------------------- helpers
+def read_gene_panel(bundle_dir: str | Path) -> list[str] | None:
+    """Target gene names of ``<bundle>/gene_panel.json`` (controls excluded), or None if absent."""
+    f = Path(bundle_dir) / "gene_panel.json"
+    if not f.is_file():
+        return None
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"not valid JSON ({exc})", file=f, expected="gene_panel.json") from None
+    payload = data.get("payload", data) if isinstance(data, dict) else {}
+    targets = payload.get("targets") if isinstance(payload, dict) else None
+    if not isinstance(targets, list):
+        raise InputError("no target list", file=f, field="payload.targets", expected="a list of panel targets")
+    genes: list[str] = []
+    for t in targets:
+        if not isinstance(t, dict):
+            continue
+        typ = t.get("type", {}) if isinstance(t.get("type"), dict) else {}
+        dat = typ.get("data", {}) if isinstance(typ.get("data"), dict) else {}
+        name = dat.get("name", t.get("name"))
+        descriptor = str(typ.get("descriptor", "gene")).lower()
+        if name is None or descriptor != "gene":
+            continue
+        name = _normalise_name(name)
+        if not is_control(name) and name not in genes:
+            genes.append(name)
+    return genes
+
+
+def bundle_files(bundle_dir: str | Path, *, morphology: bool = True) -> dict[str, Path]:
+    """The files of a bundle the pipeline reads (experiment.xenium, the transcript table, the DAPI
+    morphology image), found the way :class:`XeniumBundle` finds them, without opening them.
+
+    Rules declare these as inputs so that rewriting a file inside a bundle reruns its dependants.
+    Names absent on disk are left out (the rule that reads the bundle reports them).
+    """
+    d = Path(bundle_dir)
+    out: dict[str, Path] = {}
+    if (d / "experiment.xenium").is_file():
+        out["experiment"] = d / "experiment.xenium"
+    for name in TRANSCRIPT_FILES:
+        if (d / name).is_file():
+            out["transcripts"] = d / name
+            break
+    if morphology:
+        for name in MORPHOLOGY_FILES:
+            if (d / name).is_file():
+                out["morphology"] = d / name
+                break
+    return out
+
 def _rebatch(batches: Iterable[pa.RecordBatch], size: int) -> Iterator[pa.RecordBatch]:
     """Yield record batches of exactly ``size`` rows (the last may be shorter)."""
     pending: list[pa.RecordBatch] = []

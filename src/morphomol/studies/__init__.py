@@ -1,0 +1,71 @@
+"""Studies: what runs on a cohort. A study = its rules (``workflow/rules/<study>.smk``), its library
+subpackage (``morphomol.studies.<study>``), its settings file and its tables.
+
+The registry below is torch-free (it is consulted while Snakemake builds the DAG): a
+:class:`StudySpec` names the cohort kinds the study runs on and a ``check`` callable that
+validates a cohort for the study before any job runs (settings file, encoders, genes...).
+Built-in studies register themselves from their ``study`` module, imported here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from morphomol.errors import InputError
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    name: str
+    description: str
+    cohort_kinds: tuple[str, ...]
+    #: ``check(cohort, workdir=..., config_file=...)``: raise InputError for anything wrong with the cohort
+    check: Callable[..., None] = lambda cohort, **_: None
+    #: settings schema (file name in workflow/schemas), None when the study has no settings file
+    settings_schema: str | None = None
+
+
+_STUDIES: dict[str, StudySpec] = {}
+#: modules whose import registers a built-in study (``morphomol.studies.<name>.study``)
+BUILTIN = ("fusion",)
+_loaded = False
+
+
+def register_study(spec: StudySpec) -> StudySpec:
+    if spec.name in _STUDIES:
+        raise ValueError(f"study {spec.name!r} is already registered")
+    _STUDIES[spec.name] = spec
+    return spec
+
+
+def _load_builtin() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for name in BUILTIN:
+            importlib.import_module(f"morphomol.studies.{name}.study")
+
+
+def get_study(name: str, *, file: str | Path | None = None) -> StudySpec:
+    _load_builtin()
+    try:
+        return _STUDIES[name]
+    except KeyError:
+        raise InputError(f"unknown study {name!r}", file=file, field="studies",
+                         expected="one of " + ", ".join(sorted(_STUDIES))) from None
+
+
+def list_studies() -> list[StudySpec]:
+    _load_builtin()
+    return [_STUDIES[k] for k in sorted(_STUDIES)]
+
+
+def studies_for_kind(kind: str) -> list[str]:
+    return [s.name for s in list_studies() if kind in s.cohort_kinds]
+
+
+__all__ = ["StudySpec", "get_study", "list_studies", "register_study", "studies_for_kind", "Any"]

@@ -1,0 +1,90 @@
+"""The fusion study's registry entry and its pre-flight checks (torch-free).
+
+Everything the fusion rules would otherwise find only when they run, checked from the config,
+the sheets and the small files of each bundle (never the transcripts or images):
+
+* the settings file (schema + combinations + encoder names), and that ``tables.baseline`` names a
+  setting (or ``best_morph_only``);
+* tile geometry: the stride divides the tile and is a whole number of tokens;
+* ``splits.n_folds`` <= the number of patients (folds are patient-grouped, asserted in code);
+* panel genes: no control probe among core/add-on genes; when a bundle ships ``gene_panel.json``
+  every panel gene is one of its targets.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from morphomol.errors import InputError
+from morphomol.studies import StudySpec, register_study
+
+
+def check_tile_geometry(tile_px: int, stride_px: int, grid: int, *, file: Any = None) -> None:
+    k = tile_px / stride_px
+    if abs(k - round(k)) > 1e-9 or round(k) < 1:
+        raise InputError(f"stride_px {stride_px} does not divide tile_px {tile_px}", file=file,
+                         field="tiling.stride_px", expected="a divisor of tiling.tile_px (e.g. 512 / 256)")
+    s = grid / round(k)
+    if abs(s - round(s)) > 1e-9:
+        raise InputError(f"the stride ({stride_px} px of a {tile_px} px tile) is not a whole number of the "
+                         f"{grid}x{grid} tokens", file=file, field="tiling.stride_px",
+                         expected="tokens.grid * stride_px / tile_px to be an integer")
+
+
+def check_panel_genes(cohort: Any, *, workdir: Path) -> None:
+    from morphomol.io.xenium import CONTROL_PREFIXES, XeniumBundle, is_control
+
+    panel = cohort.panel
+    if panel is None:
+        return
+    for key, genes in (("core", panel.core), ("addon", panel.addon)):
+        ctrl = [g for g in genes if is_control(g)]
+        if ctrl:
+            raise InputError(f"{len(ctrl)} control probe(s) in the panel: {', '.join(ctrl[:5])}", file=panel.path,
+                             field=key, expected="genes, not control features (" + ", ".join(CONTROL_PREFIXES) + ")")
+    if cohort.simulate is not None or panel.mode != "yaml":
+        return
+    for sid in cohort.sample_ids:
+        xdir = cohort.field(sid, "xenium_dir")
+        if not xdir:
+            continue
+        targets = XeniumBundle.panel_targets(workdir / xdir)
+        if targets is None:
+            continue
+        have = set(targets)
+        for key, genes in (("core", panel.core), ("addon", panel.addon)):
+            miss = [g for g in genes if g not in have]
+            if miss:
+                raise InputError(f"sample {sid}: {len(miss)} {key} gene(s) not in the bundle's gene panel "
+                                 f"({Path(xdir) / 'gene_panel.json'}): {', '.join(miss[:10])}", file=panel.path,
+                                 field=key, expected="genes measured in every sample")
+
+
+def check(cohort: Any, *, workdir: Path, config_file: Path) -> None:
+    from morphomol.studies.fusion.settings import load_settings
+
+    cfg = cohort.cfg
+    settings_file = workdir / cfg.experiments.settings_file
+    settings = load_settings(settings_file)
+    baseline = cfg.tables.baseline
+    if baseline != "best_morph_only" and baseline not in settings:
+        raise InputError(f"unknown setting '{baseline}'", file=cohort.source_of("tables") or config_file,
+                         field="tables.baseline", expected="best_morph_only or a setting of " + str(settings_file))
+    check_tile_geometry(cfg.tiling.tile_px, cfg.tiling.stride_px, cfg.tokens.grid,
+                        file=cohort.source_of("tiling") or config_file)
+    n_pat = cohort.samples["patient_id"].nunique()
+    if cfg.splits.n_folds > n_pat:
+        raise InputError(f"splits.n_folds is {cfg.splits.n_folds} but cohort '{cohort.name}' has {n_pat} patient(s)",
+                         file=cohort.source_of("splits") or config_file, field="splits.n_folds",
+                         expected=f"at most {n_pat} folds (folds are grouped by patient)")
+    check_panel_genes(cohort, workdir=workdir)
+
+
+STUDY = register_study(StudySpec(
+    name="fusion",
+    description="early/late fusion of Xenium transcript tokens and H&E tiles (seed 002): Table A.1 / A.2",
+    cohort_kinds=("xenium",),
+    check=check,
+    settings_schema="settings.fusion.schema.yaml",
+))
