@@ -20,12 +20,13 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES)
+	$(BIN)/snakemake --cores 1 --report results/report.html --quiet all
 	@echo
 	@echo "Demo finished. Outputs:"
-	@echo "  tables:   results/demo/tables/ (table_a1.md, table_a2.md, per_gene.csv, ttests.csv, plots/)"
-	@echo "  samples:  results/demo/samples/<sample>/ (registration.json, registration_qc.png, tiles.*, tokens.zarr)"
-	@echo "  runs:     results/demo/runs/<setting>/fold<k>/metrics.json"
-	@$(BIN)/snakemake --cores 1 --report results/report.html --quiet all >/dev/null 2>&1 && echo "  report:   results/report.html" || true
+	@echo "  fusion:   results/demo/fusion/tables/ (table_a1.md, table_a2.md, per_gene.csv, ttests.csv, plots/)"
+	@echo "            results/demo/fusion/runs/<setting>/fold<k>/metrics.json"
+	@echo "  samples:  results/demo/samples/<sample>/ (registration.json, registration_qc.png, tiles.*, tokens.zarr, units.h5ad)"
+	@echo "  report:   results/report.html"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -1,25 +1,29 @@
-# morphomol: Xenium + H&E slides -> morpho-molecular models -> Table A.1 / A.2.
+# morphomol: raw slides -> morpho-molecular models -> benchmark tables, one workflow for every study.
 #
-#   snakemake                      # local run, profile profiles/default
+#   snakemake --cores N            # local run (profiles/default)
 #   snakemake --profile slurm      # HPC (see README)
 #   snakemake --report results/report.html
+#
+# common.smk loads and validates the configuration (typed, strict) and owns the results paths
+# (workflow/paths.py); the shared stages follow; then one rules file per study. A study registers
+# its final outputs in STUDY_TARGETS; `all` asks for those of every cohort that runs the study.
 
 
 include: "workflow/rules/common.smk"
+# shared stages of xenium cohorts
 include: "workflow/rules/simulate.smk"
 include: "workflow/rules/qc.smk"
 include: "workflow/rules/register.smk"
 include: "workflow/rules/tile.smk"
 include: "workflow/rules/tokens.smk"
+# shared by every study
 include: "workflow/rules/splits.smk"
 include: "workflow/rules/features.smk"
-include: "workflow/rules/train.smk"
-include: "workflow/rules/tables.smk"
+# studies
+include: "workflow/rules/fusion.smk"
 
 
 report: "workflow/report/workflow.rst"
-
-
 
 
 rule all:

@@ -28,8 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from morphomol.data.features import open_zarr_group  # noqa: E402
 from morphomol.encoders import create_encoder  # noqa: E402
-from morphomol.features import _open_group, extract_features, resolve_device  # noqa: E402
+from morphomol.features import extract_features, resolve_device  # noqa: E402
 
 
 def make_store(path: Path, n: int, chunk: int, seed: int = 0) -> None:
@@ -69,7 +70,7 @@ def model_only(enc: torch.nn.Module, dev: torch.device, batch: int, iters: int) 
 
 
 def store_read(path: Path) -> float:
-    arr = _open_group(path)["images"]
+    arr = open_zarr_group(path)["images"]
     chunk = int(arr.chunks[0])
     t0 = time.perf_counter()
     for s in range(0, arr.shape[0], chunk):

@@ -69,7 +69,9 @@ def build(root: Path, n_tiles: int, G: int, core: int, tx_per_tile: int) -> dict
 
 
 def main() -> None:
-    from morphomol.store import TileStream, make_loader
+    from morphomol.data.folds import read_split
+    from morphomol.data.loader import TileStream, make_loader
+    from morphomol.data.stores import StorePaths
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiles", type=int, default=3000)
@@ -83,12 +85,16 @@ def main() -> None:
     try:
         t0 = time.perf_counter()
         build(root, a.tiles, a.genes, a.core, a.tx_per_tile)
-        n = len(pd.read_parquet(root / "splits/fold0.parquet"))
+        split = read_split(root / "splits/fold0.parquet")
+        n = len(split)
+        panel = json.loads((root / "panels/fold0.json").read_text())
+        stores = {s: StorePaths(root / "samples" / s / "tokens.zarr", root / "samples" / s / "tiles.zarr")
+                  for s in split["sample_id"].unique()}
         print(f"# cohort of {n} tiles built in {time.perf_counter() - t0:.1f} s ({a.genes} genes, {a.core} core)")
         for workers in (0, 2):
             for fmt in ("dense", "coo"):
-                ld = make_loader(root, 0, "fit", batch_size=a.batch, shuffle=True, seed=0, num_workers=workers,
-                                 token_format=fmt)
+                ld = make_loader(split, panel, stores, "fit", batch_size=a.batch, shuffle=True, seed=0,
+                                 num_workers=workers, token_format=fmt)
                 rates = []
                 for epoch in range(1 + a.epochs):  # epoch 0 (warm-up) includes worker start-up
                     t0 = time.perf_counter()
@@ -101,7 +107,7 @@ def main() -> None:
                 per_core = rate / max(1, workers)
                 print(f"workers={workers} tokens={fmt:5s}: {rate:7.0f} tiles/s ({per_core:.0f} tiles/s per worker "
                       f"core), batch {a.batch}, median of {a.epochs} epochs")
-        ds = TileStream(root, 0, "fit", batch_size=a.batch, images=False, tokens=False)
+        ds = TileStream(split, panel, stores, "fit", batch_size=a.batch, images=False, tokens=False)
         t0 = time.perf_counter()
         k = sum(len(b["tile_id"]) for b in ds)
         print(f"tile-level only (no images/tokens): {k / (time.perf_counter() - t0):.0f} tiles/s")

@@ -25,7 +25,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from morphomol.simulate import simulate_sample  # noqa: E402
+from morphomol.synthetic import simulate_sample  # noqa: E402
 
 
 def _expected_tiles(truth: dict, sample_dir: Path, tile_um: float = 256.0, stride_um: float = 128.0,

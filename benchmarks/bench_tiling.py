@@ -43,7 +43,8 @@ def main() -> None:
     import zarr
 
     from morphomol.io.he import open_slide
-    from morphomol.tiling import ChunkWriter, TileGrid, TileReader, create_image_array, write_pyramidal_tiff
+    from morphomol.geometry import TileGrid
+    from morphomol.tiling import ChunkWriter, TileReader, create_image_array, write_pyramidal_tiff
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--side", type=int, default=8192)

@@ -21,8 +21,9 @@ import numpy as np
 
 
 def one(n_million: float, area_mm: float, n_genes: int, chunk: int) -> dict:
-    from morphomol.tiling import Batch, TileGrid, count_cells, tile_stats, um_to_patch_matrices
     from morphomol import tokens
+    from morphomol.geometry import Batch, TileGrid, um_to_patch_matrices
+    from morphomol.tiling import count_cells, tile_stats
 
     he_mpp = 0.2125
     side_um = area_mm * 1000

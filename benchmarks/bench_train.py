@@ -1,12 +1,12 @@
 """End-to-end training throughput of early-fusion add ViT-S (Table A.1 row 0): tiles/s.
 
 Two data modes:
-  stores     results/{cohort} stores of one fold's fit partition through morphomol.store
-             (chunk-shuffled loader, DataLoader workers): what a real `train` job sees.
+  stores     results/{cohort} stores of one fold's fit partition through morphomol.data.loader
+             (chunk-shuffled loader, DataLoader workers): what a real `fusion_train` job sees.
   synthetic  in-memory uint8 tiles + Poisson token counts (pinned on CUDA), copied host->device
              every step; used when no stores are given/found.
 
-Each step is the trainer's step (morphomol.training.train_step): bf16 autocast on CUDA,
+Each step is the trainer's step (morphomol.train.loop.train_step): bf16 autocast on CUDA,
 channels-last, MSE, backward, grad-norm clip, AdamW. On CUDA the GPU utilisation is sampled
 (torch.cuda.utilization / nvidia-smi) during the timed steps.
 
@@ -30,8 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from morphomol.models import build_model, load_settings
-from morphomol.training import StoreSplit, regression_loss, to_device, train_step
+from morphomol.config import default_sections
+from morphomol.studies.fusion.data import FoldInputs, fold_from_stores
+from morphomol.studies.fusion.models import build_model
+from morphomol.studies.fusion.regression import regression_loss
+from morphomol.studies.fusion.settings import load_settings
+from morphomol.train.loop import train_step
+from morphomol.train.runtime import to_device
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL = {"embed_dim": 384, "depth": 12, "num_heads": 6}
@@ -125,15 +130,18 @@ def main() -> None:
     torch.backends.cudnn.allow_tf32 = True
 
     # ---- data
-    stores = a.cohort_dir and (Path(a.cohort_dir) / "splits" / f"fold{a.fold}.parquet").exists()
+    cdir = Path(a.cohort_dir) if a.cohort_dir else None
+    stores = cdir is not None and (cdir / "splits" / f"fold{a.fold}.parquet").exists()
     if a.cohort_dir and not stores:
         print(f"no stores at {a.cohort_dir} (splits/fold{a.fold}.parquet missing): using synthetic batches")
     if stores:
-        from morphomol import store
-
-        panel = store.load_panel(a.cohort_dir, a.fold)
-        fit = StoreSplit(a.cohort_dir, a.fold, "fit", panel)
-        n_core, n_targets = len(panel["core"]), len(panel["addon"])
+        samples = sorted(p.name for p in (cdir / "samples").iterdir() if (p / "tokens.zarr").exists())
+        data = fold_from_stores(FoldInputs(
+            split=cdir / "splits" / f"fold{a.fold}.parquet", panel=cdir / "fusion" / "panels" / f"fold{a.fold}.json",
+            tokens={s: cdir / "samples" / s / "tokens.zarr" for s in samples},
+            tiles={s: cdir / "samples" / s / "tiles.zarr" for s in samples}))
+        fit = data.fit
+        n_core, n_targets = len(data.core_genes), len(data.addon_genes)
 
         def batches():
             epoch = 0
@@ -155,7 +163,7 @@ def main() -> None:
 
     # ---- model and optimizer, as in the trainer
     torch.manual_seed(0)
-    model = build_model(setting, n_core, n_targets, {"vit": vit, "expr_hidden": 32}).to(device)
+    model = build_model(setting, n_core, n_targets, default_sections(model={"vit": vit, "expr_hidden": 32}).model).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.param_groups(1e-4, 1e-5), weight_decay=1e-3)

@@ -1,23 +1,18 @@
-# Snakemake adapter for rule register (workflow/rules/register.smk): no logic here.
-from morphomol import registration
+# Adapter of rule `register` (workflow/rules/register.smk): one typed call.
+from morphomol.config import IOConfig, RegistrationConfig, typed
+from morphomol.registration import register_sample
 from morphomol.smk import run
 
-
-def main(smk):
-    registration.register_sample(
-        xenium=smk.input.xenium,
-        he=smk.input.he,
-        alignment=smk.input.get("alignment"),
-        regions=smk.input.get("regions"),
-        out_json=smk.output.registration,
-        out_qc=smk.output.qc,
-        sample=smk.wildcards.sample,
-        he_mpp=smk.params.he_mpp,
-        qv_min=smk.params.qv_min,
-        batch_size=smk.params.batch_size,
-        seed=smk.params.seed,
-        **smk.params.cfg,
-    )
-
-
-run(main)
+run(lambda smk: register_sample(
+    xenium=smk.params.xenium_dir,
+    he=smk.input.he,
+    alignment=smk.input.get("alignment"),
+    regions=smk.input.get("regions"),
+    out_json=smk.output.registration,
+    out_qc=smk.output.qc,
+    sample=smk.wildcards.sample,
+    he_mpp=smk.params.he_mpp,
+    cfg=typed(RegistrationConfig, smk.params.registration),
+    io=typed(IOConfig, smk.params.io),
+    seed=smk.params.seed,
+))

@@ -1,19 +1,15 @@
-# Adapter for rule `simulate` (workflow/rules/simulate.smk): no logic here.
+# Adapter of rule `simulate` (workflow/rules/simulate.smk): one typed call.
 from pathlib import Path
 
-from morphomol import simulate
 from morphomol.smk import run
+from morphomol.synthetic import simulate_from_config
 
-
-def main(smk):
-    simulate.simulate_from_config(
-        Path(smk.output.truth).parent,
-        sample_id=smk.wildcards.sample,
-        patient_id=smk.params.patient_id,
-        panel=smk.params.panel,
-        simulate=smk.params.simulate,
-        he_mpp=smk.params.he_mpp,
-    )
-
-
-run(main)
+run(lambda smk: simulate_from_config(
+    Path(smk.output.truth).parent,
+    sample_id=smk.wildcards.sample,
+    patient_id=smk.params.patient_id,
+    panel=smk.params.panel,
+    simulate=smk.params.simulate,
+    he_mpp=smk.params.he_mpp,
+    config_file=smk.params.config_file,
+))

@@ -1,15 +1,18 @@
-# Snakemake adapter for rule tile (workflow/rules/tile.smk): no logic here.
-from morphomol import tiling
+# Adapter of rule `tile` (workflow/rules/tile.smk): one typed call.
+from morphomol.config import IOConfig, TilingConfig, typed
 from morphomol.smk import run
+from morphomol.tiling import tile_sample
 
-
-def main(smk):
-    cfg = dict(smk.params.cfg)
-    tiling.tile_sample(he_path=smk.input.he, registration=smk.input.registration, xenium_dir=smk.input.xenium,
-                       out_table=smk.output.tiles, out_store=smk.output.store, out_qc=smk.output.qc,
-                       sample=smk.wildcards.sample, he_mpp=smk.params.he_mpp, grid=smk.params.grid,
-                       qv_min=smk.params.io.get("qv_min", 20.0),
-                       batch_size=int(smk.params.io.get("batch_size", 2_000_000)), **cfg)
-
-
-run(main)
+run(lambda smk: tile_sample(
+    he_path=smk.input.he,
+    registration=smk.input.registration,
+    xenium_dir=smk.params.xenium_dir,
+    out_table=smk.output.tiles,
+    out_store=smk.output.store,
+    out_qc=smk.output.qc,
+    sample=smk.wildcards.sample,
+    he_mpp=smk.params.he_mpp,
+    cfg=typed(TilingConfig, smk.params.tiling),
+    grid=smk.params.grid,
+    io=typed(IOConfig, smk.params.io),
+))

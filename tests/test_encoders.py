@@ -4,7 +4,10 @@ format and loaded back through the registry; clear errors for wrong, missing or 
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +16,11 @@ import torch
 
 from morphomol import encoders as E
 from morphomol.encoders import create_encoder, list_encoders, list_encoders_table, save_weights
+from morphomol.encoders.timm_vit import build_timm_vit
+from morphomol.encoders.weights import adapt_state_dict, load_timm_vit_weights
 from morphomol.errors import InputError
+
+REPO = Path(__file__).resolve().parents[1]
 
 TINY: dict[str, dict] = {
     "vit_s": dict(embed_dim=32, depth=2, num_heads=2),
@@ -243,9 +250,10 @@ def test_sharded_safetensors_directory(images, tmp_path):
 def test_register_custom_encoder(images, tmp_path):
     spec = E.EncoderSpec(
         name="test_tiny_vit", kind="image", architecture="timm vit_tiny_patch16_224",
+        model_name="vit_tiny_patch16_224", ignore_prefixes=("head.", "fc_norm."),
         weight_formats=("safetensors",), input_size=112, mean=E.IMAGENET_MEAN, std=E.IMAGENET_STD,
         embed_dim=16, pooling="mean", poolings=("cls", "mean"), requires_weights=False,
-        builder=E._timm_builder("vit_tiny_patch16_224"),
+        builder=build_timm_vit,
         defaults={"embed_dim": 16, "depth": 1, "num_heads": 2, "img_size": 112},
     )
     E.register_encoder(spec, overwrite=True)
@@ -258,7 +266,138 @@ def test_register_custom_encoder(images, tmp_path):
         with pytest.raises(InputError, match="unsupported weights format 'torch'"):
             create_encoder("test_tiny_vit", tmp_path / "w.pt")
     finally:
-        E._REGISTRY.pop("test_tiny_vit", None)
+        E.unregister_encoder("test_tiny_vit")
+    assert "test_tiny_vit" not in {s.name for s in list_encoders()}
+
+
+def test_register_encoder_decorator(images):
+    calls = []
+
+    @E.register_encoder(name="test_deco_a", kind="image", architecture="timm vit_tiny_patch16_224",
+                        model_name="vit_tiny_patch16_224", input_size=224, mean=E.HALF, std=E.HALF, embed_dim=16,
+                        pooling="cls", requires_weights=False, defaults={"embed_dim": 16, "depth": 1, "num_heads": 2})
+    @E.register_encoder(name="test_deco_b", kind="image", architecture="timm vit_tiny_patch16_224",
+                        model_name="vit_tiny_patch16_224", input_size=224, mean=E.HALF, std=E.HALF, embed_dim=16,
+                        pooling="cls", requires_weights=True, defaults={"embed_dim": 16, "depth": 1, "num_heads": 2})
+    def build(spec, weights, overrides, seed, *, overrides_field=None):
+        calls.append((spec.name, overrides_field))
+        return build_timm_vit(spec, weights, overrides, seed, overrides_field=overrides_field)
+
+    try:
+        assert build.__name__ == "build"  # the decorator returns the builder unchanged
+        a, b = E.get_spec("test_deco_a"), E.get_spec("test_deco_b")
+        assert a.builder is build and b.builder is build and b.requires_weights
+        assert E.encoder_kind("test_deco_a") == "image"
+        assert "test_deco_a" in list_encoders_table() and "test_deco_b" in list_encoders_table()
+        enc = create_encoder("test_deco_a", seed=1)
+        assert _feats(enc, images).shape == (2, 16)
+        assert calls == [("test_deco_a", "encoders.test_deco_a.overrides")]
+        with pytest.raises(InputError, match=r"encoders\.test_deco_b\.weights"):
+            create_encoder("test_deco_b")
+        create_encoder("test_deco_b", allow_random=True, overrides_field="model.vit")
+        assert calls[-1] == ("test_deco_b", "model.vit")
+        with pytest.raises(ValueError, match="already registered"):
+            E.register_encoder(name="test_deco_a", kind="image", architecture="x", input_size=1, mean=E.HALF,
+                               std=E.HALF, embed_dim=1, pooling="cls", requires_weights=False)(build)
+        with pytest.raises(TypeError, match="builder"):
+            E.register_encoder(name="x", builder=build)
+    finally:
+        E.unregister_encoder("test_deco_a")
+        E.unregister_encoder("test_deco_b")
+
+
+def test_registry_import_is_torch_free():
+    code = ("import sys\n"
+            "for m in ('torch', 'timm', 'transformers', 'open_clip'): sys.modules[m] = None\n"
+            "import morphomol.encoders as e\n"
+            "import morphomol.encoders.registry as r\n"
+            "import morphomol.encoders.weights\n"
+            "assert r.get_spec('uni2h').requires_weights and e.encoder_kind('geneformer') == 'expression'\n"
+            "print(len(e.list_encoders()))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(REPO / "src")}, cwd=str(REPO))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert int(r.stdout.strip()) == len(list_encoders()) >= 8
+
+
+def test_overrides_field_names_the_config_key():
+    with pytest.raises(InputError, match=r"encoders\.vit_s\.overrides"):
+        create_encoder("vit_s", embed_dim=30, depth=1, num_heads=4)  # 30 is not divisible by 4
+    with pytest.raises(InputError, match=r"model\.vit") as exc:
+        create_encoder("vit_s", embed_dim=30, depth=1, num_heads=4, overrides_field="model.vit")
+    assert "encoders.vit_s" not in str(exc.value)
+    with pytest.raises(InputError, match=r"encoders\.loki\.overrides"):
+        create_encoder("loki", allow_random=True, no_such_option=1)
+
+
+# ----------------------------------------------------------------- one weight loader
+
+
+def _timm_vit(seed: int) -> torch.nn.Module:
+    """The fusion model's ViT: timm vit_small_patch16_224 with num_classes=0, as models.py builds it."""
+    import timm
+
+    torch.manual_seed(seed)
+    return timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, **TINY["vit_s"]).eval()
+
+
+def test_adapt_state_dict_key_rules():
+    t = torch.zeros(1)
+    assert set(adapt_state_dict({"module.a": t, "module.b.c": t})) == {"a", "b.c"}
+    # nested wrappers (DDP around a Lightning module) are all stripped
+    assert set(adapt_state_dict({"module.model.backbone.a": t, "module.model.backbone.b": t})) == {"a", "b"}
+    # a prefix only some keys share is part of the key names
+    assert set(adapt_state_dict({"encoder.a": t, "embeddings.b": t})) == {"encoder.a", "embeddings.b"}
+    sd = {"module.visual.a": t, "module.text.b": t, "module.logit_scale": t}
+    assert set(adapt_state_dict(sd, select_prefix=("visual.",))) == {"a"}
+    assert set(adapt_state_dict({"vit.a": t, "head.w": t}, ignore_prefixes=("head.",))) == {"vit.a"}
+
+
+def test_training_vit_and_vit_s_features_load_the_same_file(images, tmp_path):
+    src = create_encoder("vit_s", seed=11, **TINY["vit_s"])
+    sd = {k: v.contiguous() for k, v in src.model.state_dict().items()}
+    from safetensors.torch import save_file
+
+    # a DDP-wrapped safetensors file with a classification head, and a plain torch file
+    save_file({**{f"module.{k}": v for k, v in sd.items()}, "module.head.weight": torch.zeros(3, 32),
+               "module.head.bias": torch.zeros(3)}, str(tmp_path / "ddp.safetensors"))
+    torch.save(sd, tmp_path / "plain.pt")
+    for path in (tmp_path / "ddp.safetensors", tmp_path / "plain.pt"):
+        feat_enc = create_encoder("vit_s", path, **TINY["vit_s"])
+        vit = _timm_vit(seed=99)
+        assert load_timm_vit_weights(vit, path) == path
+        a, b = feat_enc.model.state_dict(), vit.state_dict()
+        assert set(a) == set(b)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{path.name}: {k}")
+        with torch.inference_mode():  # the training ViT's CLS = the vit_s feature
+            want = _feats(feat_enc, images)
+            got = vit.forward_head(vit.forward_features(feat_enc.preprocess(images)), pre_logits=True)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_load_timm_vit_weights_errors(tmp_path):
+    with pytest.raises(InputError, match="weights not found") as exc:
+        load_timm_vit_weights(_timm_vit(0), tmp_path / "nope.safetensors")
+    assert "encoders.vit_s.weights" in str(exc.value) and "nope.safetensors" in str(exc.value)
+    (tmp_path / "w.txt").write_text("x")
+    with pytest.raises(InputError, match="unsupported weights format"):
+        load_timm_vit_weights(_timm_vit(0), tmp_path / "w.txt")
+    small = create_encoder("vit_s", **TINY["vit_s"])
+    save_weights(small, tmp_path / "small.safetensors")
+    import timm
+
+    big = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, embed_dim=64, depth=2,
+                            num_heads=2)
+    with pytest.raises(InputError, match="mismatched shapes") as exc:
+        load_timm_vit_weights(big, tmp_path / "small.safetensors", field="model.vit")
+    assert "small.safetensors" in str(exc.value) and "model.vit" in str(exc.value)
+    # unexpected keys are an error, as in the feature encoder (no silent partial load)
+    torch.save({**small.model.state_dict(), "extra.weight": torch.zeros(2)}, tmp_path / "extra.pt")
+    with pytest.raises(InputError, match="unexpected keys: extra.weight"):
+        load_timm_vit_weights(_timm_vit(0), tmp_path / "extra.pt")
+    with pytest.raises(InputError, match="unexpected keys: extra.weight"):
+        create_encoder("vit_s", tmp_path / "extra.pt", **TINY["vit_s"])
 
 
 # -------------------------------------------------------------------------------- geneformer

@@ -1,5 +1,6 @@
-"""Feature extraction over tiles.zarr / tokens.zarr with tiny encoders, atomic output, and the
-`features` rule run through real Snakemake."""
+"""Feature extraction over tiles.zarr / tokens.zarr with tiny encoders, atomic output, the
+features-store reader/writer (:mod:`morphomol.data.features`), and the `features` rule run through
+real Snakemake."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ import pytest
 import torch
 import zarr
 
+from morphomol.config.sections import EncoderConfig, FeaturesConfig, ViTConfig
+from morphomol.data.features import feature_rows, open_features_writer, read_features, write_features
 from morphomol.encoders import create_encoder, save_weights
 from morphomol.errors import InputError
-from morphomol.features import encoder_settings, extract_features, read_features
+from morphomol.features import extract_features, extract_features_for, feature_job_args
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(embed_dim=32, depth=2, num_heads=2)
@@ -127,27 +130,123 @@ def test_expression_encoder_reads_tokens_store(tmp_path):
     assert attrs["kind"] == "expression" and attrs["dim"] == 16
 
 
-def test_encoder_settings_from_config():
-    s = encoder_settings(
-        "vit_s",
-        encoders_cfg={"vit_s": {"pooling": "mean"}, "uni": {"weights": "w/uni.safetensors", "batch_size": 64}},
-        model_cfg={"vit": {"embed_dim": 96, "depth": 3, "num_heads": 3}, "expr_hidden": 32},
-        features_cfg={"batch_size": 128},
-    )
+def test_feature_job_args_from_config():
+    feats = FeaturesConfig(batch_size=128, encoders=("vit_s", "uni"), device="auto", patch_tokens=False)
+    vit = ViTConfig(embed_dim=96, depth=3, num_heads=3)
+    s = feature_job_args("vit_s", EncoderConfig(pooling="mean"), feats, vit)
     assert s["overrides"] == {"embed_dim": 96, "depth": 3, "num_heads": 3, "pooling": "mean"}
     assert s["weights"] is None and s["batch_size"] == 128
-    u = encoder_settings("uni", {"uni": {"weights": "w/uni.safetensors", "batch_size": 64}}, {"vit": {"embed_dim": 96}}, {})
+    assert s["overrides_field"] == "model.vit" and s["device"] == "auto" and s["patch_tokens"] is False
+    u = feature_job_args("uni", EncoderConfig(weights="w/uni.safetensors", batch_size=64, patch_tokens=True),
+                         feats, vit)
     assert u["weights"] == "w/uni.safetensors" and u["overrides"] == {} and u["batch_size"] == 64
+    assert u["overrides_field"] is None and u["patch_tokens"] is True
+    both = feature_job_args("vit_s", EncoderConfig(overrides={"depth": 1}), feats, vit)
+    assert both["overrides"] == {"embed_dim": 96, "depth": 1, "num_heads": 3}
+    assert both["overrides_field"] == "model.vit or encoders.vit_s.overrides"
 
 
+def test_bad_model_vit_is_reported_as_model_vit(store, tmp_path):
+    path, _ = store
+    feats = FeaturesConfig(batch_size=8, encoders=("vit_s",), device="cpu", patch_tokens=False)
+    with pytest.raises(InputError, match=r"model\.vit") as exc:
+        extract_features_for("vit_s", store=path, out=tmp_path / "f.zarr", encoder=EncoderConfig(), features=feats,
+                             vit=ViTConfig(embed_dim=30, depth=1, num_heads=4))
+    assert "encoders.vit_s" not in str(exc.value)
+    assert not (tmp_path / "f.zarr").exists()
+    out = extract_features_for("vit_s", store=path, out=tmp_path / "f.zarr", encoder=EncoderConfig(), features=feats,
+                               vit=ViTConfig(**TINY))
+    assert out["n_tiles"] == 20 and read_features(tmp_path / "f.zarr")[0].shape == (20, 32)
+
+
+# ------------------------------------------------------------------ features store reader/writer
+
+
+def test_read_features_rows_and_errors(tmp_path):
+    x = np.arange(30, dtype=np.float32).reshape(10, 3)
+    p = write_features(tmp_path / "s1.zarr", x, encoder="vit_s", chunk_rows=4, arch={"depth": 2})
+    feats, attrs = read_features(p)
+    np.testing.assert_array_equal(feats, x)
+    assert attrs["encoder"] == "vit_s" and attrs["dim"] == 3 and attrs["n_tiles"] == 10
+    assert attrs["arch"] == {"depth": 2}
+    rows = np.array([7, 2, 2, 9])  # the order given, duplicates allowed
+    got, _ = read_features(p, rows)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, x[rows])
+    assert read_features(p, np.array([], dtype=np.int64))[0].shape == (0, 3)
+    for bad, shown in (([3, 10], "10"), ([-1, 2], "-1")):
+        with pytest.raises(InputError, match=f"tile index {shown} out of range \\(10 rows\\)") as exc:
+            read_features(p, np.array(bad))
+        assert "s1.zarr" in str(exc.value)
+    with pytest.raises(InputError, match="integer"):
+        read_features(p, np.array([0.5]))
+    with pytest.raises(InputError, match="store not found") as exc:
+        read_features(tmp_path / "missing.zarr")
+    assert "missing.zarr" in str(exc.value)
+    zarr.open_group(str(tmp_path / "empty.zarr"), mode="w").create_array("other", shape=(2,), dtype="uint8")
+    with pytest.raises(InputError, match="no 'features' array") as exc:
+        read_features(tmp_path / "empty.zarr", [0])
+    assert "empty.zarr" in str(exc.value)
+
+
+def test_feature_rows_across_samples(tmp_path):
+    a = np.arange(12, dtype=np.float32).reshape(4, 3)
+    b = 100 + np.arange(9, dtype=np.float32).reshape(3, 3)
+    paths = {"s1": write_features(tmp_path / "s1.zarr", a, encoder="e"),
+             "s__2": write_features(tmp_path / "s2.zarr", b, encoder="e")}
+    ids = ["s__2__000002", "s1__000000", "s1__000003", "s__2__000000", "s1__000000"]
+    got = feature_rows(paths, ids)
+    np.testing.assert_array_equal(got, np.stack([b[2], a[0], a[3], b[0], a[0]]))
+    assert got.dtype == np.float32
+    with pytest.raises(InputError, match="no cached features for sample 's3'"):
+        feature_rows(paths, ["s1__000000", "s3__000001"])
+    with pytest.raises(InputError, match=r"tile index 4 out of range \(4 rows\)") as exc:
+        feature_rows(paths, ["s1__000004"])
+    assert "s1.zarr" in str(exc.value)
+    with pytest.raises(InputError, match="no tiles"):
+        feature_rows(paths, [])
+    with pytest.raises(InputError, match="unit id"):
+        feature_rows(paths, ["s1_000001"])
+    with pytest.raises(InputError, match="store not found"):
+        feature_rows({"s1": tmp_path / "nope.zarr"}, ["s1__000000"])
+    paths["s4"] = write_features(tmp_path / "s4.zarr", np.zeros((2, 5)), encoder="e")
+    with pytest.raises(InputError, match="feature dim 5 differs from 3"):
+        feature_rows(paths, ["s1__000000", "s4__000001"])
+
+
+def test_features_writer_is_all_or_nothing(tmp_path):
+    out = tmp_path / "f.zarr"
+    with pytest.raises(RuntimeError, match="not finished"):
+        with open_features_writer(out, 4, 2, chunk_rows=2) as w:
+            w.write(0, 4, np.ones((4, 2), np.float32))
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    write_features(out, np.ones((4, 2)), encoder="a", tokens=np.ones((4, 3, 2)))
+    assert zarr.open_group(str(out), mode="r")["tokens"].dtype == np.float16
+    assert read_features(out)[1]["n_tokens"] == 3
+    with pytest.raises(ValueError, match="boom"):
+        with open_features_writer(out, 4, 2, chunk_rows=2) as w:
+            raise ValueError("boom")
+    assert read_features(out)[1]["encoder"] == "a"  # the old store is untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["f.zarr"]
+
+
+# what features.smk takes from common.smk, for a config of section overrides (no cohort files)
 SNAKEFILE = """
-import pandas as pd
+import sys
+sys.path.insert(0, "{repo}/workflow")
+from paths import WorkflowPaths
+from morphomol.config import default_sections
+from morphomol.config.sections import to_plain
 configfile: "config.yaml"
-SAMPLE_DIR = "results/{cohort}/samples/{sample}"
-COHORTS = {"demo": {**config, "samples": pd.DataFrame(index=pd.Index(["s1"], name="sample_id"))}}
-def ccfg(w, section):
-    return COHORTS[w.cohort].get(section) or {}
-include: "%s"
+P = WorkflowPaths()
+CFG = default_sections(**config)
+def cfg_of(w):
+    return CFG
+def section(name):
+    return lambda w: to_plain(getattr(CFG, name))
+def resource(name):
+    return lambda w: int(getattr(CFG.resources, name))
+include: "{repo}/workflow/rules/features.smk"
 """.strip()
 
 
@@ -162,10 +261,10 @@ def test_features_rule_through_snakemake(store, tmp_path):
     shutil.copytree(path, sdir / "tiles.zarr")
     enc = create_encoder("vit_s", seed=2, **TINY)
     save_weights(enc, tmp_path / "weights/vit.safetensors")
-    cfg = {"seed": 0, "features": {"batch_size": 8, "device": "cpu"}, "model": {"vit": TINY},
+    cfg = {"features": {"batch_size": 8, "device": "cpu"}, "model": {"vit": TINY},
            "encoders": {"vit_s": {"weights": "weights/vit.safetensors"}}, "resources": {"gpu_mem_mb": 1000}}
     (tmp_path / "config.yaml").write_text(json.dumps(cfg))
-    (tmp_path / "Snakefile").write_text(SNAKEFILE % (REPO / "workflow/rules/features.smk"))
+    (tmp_path / "Snakefile").write_text(SNAKEFILE.format(repo=REPO))
     target = "results/demo/features/vit_s/s1.zarr"
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     r = subprocess.run([str(snakemake), "--cores", "1", "--resources", "gpu=1", "-d", str(tmp_path), "-s",

@@ -7,23 +7,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from morphomol.config import default_sections
 from morphomol.errors import InputError
-from morphomol.models import (
-    N_TOKENS,
-    ExprMLP,
-    ModelSetting,
-    ViTEncoder,
-    build_clip_model,
-    build_model,
-    clip_loss,
-    is_runnable,
-    load_settings,
-    missing_weights,
-)
+from morphomol.models.contrastive import clip_loss
+from morphomol.models.mlp import ExprMLP
+from morphomol.models.vit import N_TOKENS, ViTEncoder
+from morphomol.studies.fusion.models import build_clip_model, build_model
+from morphomol.studies.fusion.settings import ModelSetting, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS_FILE = ROOT / "config" / "experiments" / "table_a1.yaml"
-TINY = {"vit": {"embed_dim": 32, "depth": 1, "num_heads": 2}, "expr_hidden": 32}
+TINY = default_sections(model={"vit": {"embed_dim": 32, "depth": 1, "num_heads": 2}, "expr_hidden": 32}).model
 G, T, B = 6, 4, 3
 FEAT_DIM = {"morph": 24, "expr": 20}
 
@@ -83,6 +77,10 @@ def test_settings_file_lists_every_table_row(settings):
     assert by_row[33].fusion_stage == "none" and by_row[33].expr_encoder == "mlp"
 
 
+def is_runnable(s, weights):
+    return s.not_runnable_reason(weights) is None
+
+
 def test_runnable_depends_on_configured_weights(settings):
     no_weights = {n for n, s in settings.items() if is_runnable(s, {})}
     assert no_weights == {
@@ -92,10 +90,9 @@ def test_runnable_depends_on_configured_weights(settings):
         "late_concat_vits_fz_mlp_tile", "late_concat_vits_fz_mlp_token", "morph_vits_ft", "morph_vits_fz",
         "expr_mlp_token", "min_mae", "clip_token", "clip_tile"}
     s = settings["late_add_conch_fz_gf_tile"]
-    assert missing_weights(s, {"conch": {"weights": "c.safetensors"}}) == ["geneformer"]
-    assert is_runnable(s, {"conch": {"weights": "c.bin"}, "geneformer": {"weights": "g.bin"}})
-    # the dict form (Snakemake's SETTINGS) works too, and round-trips
-    assert is_runnable(s.to_dict(), {"conch": {"weights": "c"}, "geneformer": {"weights": "g"}})
+    assert s.missing_weights({"conch": "c.safetensors"}) == ["geneformer"]
+    assert is_runnable(s, {"conch": "c.bin", "geneformer": "g.bin"})
+    # the dict form (what the rules pass as params) round-trips
     assert all(ModelSetting.from_dict(n, x.to_dict()) == x for n, x in settings.items())
 
 
@@ -103,8 +100,8 @@ def test_invalid_settings_raise_input_error(tmp_path):
     with pytest.raises(InputError, match="fusion_strategy"):
         ModelSetting.from_dict("x", {"fusion_stage": "late", "fusion_strategy": "multiply", "morph_encoder": "vit_s",
                                      "expr_encoder": "mlp", "expr_aggregation": "tile"})
-    with pytest.raises(InputError, match="requires_weights"):
-        ModelSetting.from_dict("x", {"fusion_stage": "none", "morph_encoder": "conch", "freeze_morph": True})
+    with pytest.raises(InputError, match="freeze_morph"):
+        ModelSetting.from_dict("x", {"fusion_stage": "none", "morph_encoder": "conch", "freeze_morph": False})
     with pytest.raises(InputError, match="early fusion"):
         ModelSetting.from_dict("x", {"fusion_stage": "early", "fusion_strategy": "add", "morph_encoder": "vit_s",
                                      "expr_encoder": "mlp", "expr_aggregation": "tile"})
@@ -149,7 +146,7 @@ def test_forward_backward_every_regression_setting(settings):
 
 def test_fused_widths_match_table_a3(settings):
     # ViT-S width 384: early / late add / morph-only heads see 384, late concat 768, expr-only MLP 32
-    full = {"vit": {"embed_dim": 384, "depth": 1, "num_heads": 6}}
+    full = default_sections(model={"vit": {"embed_dim": 384, "depth": 1, "num_heads": 6}}).model
     assert build_model(settings["early_add_vits_ft_mlp_token"], 380, 100, full).head.in_features == 384
     assert build_model(settings["late_concat_vits_ft_mlp_token"], 380, 100, full).head.in_features == 768
     assert build_model(settings["late_add_vits_ft_mlp_tile"], 380, 100, full).head.in_features == 384
@@ -221,7 +218,7 @@ def test_param_groups_split_backbone_and_head(settings):
 
 
 def test_input_normalisation_inside_the_model():
-    vit = ViTEncoder(TINY["vit"])
+    vit = ViTEncoder(TINY.vit)
     img = torch.tensor([0, 255, 51], dtype=torch.uint8).view(1, 1, 1, 3).expand(1, 224, 224, 3)
     x = vit.normalise(img)
     assert x.shape == (1, 3, 224, 224)
@@ -236,16 +233,16 @@ def test_grid_must_stay_14x14():
 def test_local_weights_safetensors_and_torch(tmp_path):
     from safetensors.torch import save_file
 
-    src = ViTEncoder(TINY["vit"])
+    src = ViTEncoder(TINY.vit)
     sd = {k: v.contiguous() for k, v in src.vit.state_dict().items()}
     save_file(sd, str(tmp_path / "w.safetensors"))
     torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}}, tmp_path / "w.pt")
     for f in ("w.safetensors", "w.pt"):
-        vit = ViTEncoder(TINY["vit"], weights=tmp_path / f)
+        vit = ViTEncoder(TINY.vit, weights=tmp_path / f)
         assert vit.pretrained
         assert all(torch.equal(a, b) for a, b in zip(vit.vit.state_dict().values(), sd.values()))
     with pytest.raises(InputError, match="not found"):
-        ViTEncoder(TINY["vit"], weights=tmp_path / "missing.safetensors")
+        ViTEncoder(TINY.vit, weights=tmp_path / "missing.safetensors")
     with pytest.raises(InputError, match="shape"):
         ViTEncoder({"embed_dim": 64, "depth": 1, "num_heads": 2}, weights=tmp_path / "w.safetensors")
 

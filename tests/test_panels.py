@@ -11,6 +11,7 @@ import pytest
 import scipy.sparse as sp
 
 from morphomol.errors import InputError
+from morphomol.config import PanelsConfig
 from morphomol.panels import hvg_panel, hvg_seurat_v3, loess_fit, panel_fold, yaml_panel
 
 
@@ -59,8 +60,8 @@ def test_hvg_mode_picks_overdispersed_genes_on_fit_tiles(tmp_path):
     split = pd.DataFrame({"tile_id": fit, "partition": ["fit"] * 450 + ["test"] * 150})
     split.to_parquet(tmp_path / "fold0.parquet")
     out = tmp_path / "panels/fold0.json"
-    panel_fold(split=tmp_path / "fold0.parquet", counts=paths, samples=["S0", "S1"], panel={"mode": "hvg"},
-               out=out, mode="hvg", n_hvg_targets=3)
+    panel_fold(split=tmp_path / "fold0.parquet", units=dict(zip(["S0", "S1"], paths)), panel={"mode": "hvg"},
+               out=out, cfg=PanelsConfig(mode="hvg", n_hvg_targets=3))
     assert sorted(json.loads(out.read_text())["addon"]) == hv
 
 

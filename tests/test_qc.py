@@ -127,47 +127,46 @@ def test_density_grid_coarsens_for_stray_coordinates():
 
 
 # ---------------------------------------------------------------- rule qc through Snakemake
-# A stand-in for workflow/rules/common.smk providing the documented helpers (COHORTS, ccfg,
-# sample_field, SAMPLE_DIR); cohort "bad" has a panel gene that the sample lacks.
-SNAKEFILE = """
-import pandas as pd
-SAMPLE_DIR = "results/{{cohort}}/samples/{{sample}}"
-wildcard_constraints:
-    cohort="[A-Za-z0-9_.-]+",
-    sample="[A-Za-z0-9_.-]+",
-_sheet = pd.DataFrame({{"sample_id": ["s1"], "patient_id": ["p1"], "xenium_dir": ["{xenium}"],
-                       "he_path": ["{he}"], "he_mpp": [float("nan")]}}).set_index("sample_id", drop=False)
-def _cohort(addon):
-    return {{"io": {{"qv_min": 20.0, "batch_size": 1000}}, "samples": _sheet,
-            "panel": {{"mode": "yaml", "core": ["AKT1", "CD3D"], "addon": addon}}}}
-COHORTS = {{"good": _cohort(["CD3E"]), "bad": _cohort(["CD3E", "NOT_IN_SAMPLE"])}}
-def ccfg(w, section):
-    return COHORTS[w.cohort][section]
-def sample_field(name):
-    return lambda w: COHORTS[w.cohort]["samples"].loc[w.sample, name]
-include: "{rules}"
-"""
+def write_workflow_config(wd: Path, cohorts: dict[str, dict], *, xenium: Path, he: Path) -> Path:
+    """A config.yaml in ``wd`` with one xenium cohort per entry (name -> panel), each with sample s1."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    config["experiments"]["settings_file"] = str(ROOT / "config" / "experiments" / "table_a1.yaml")
+    config["io"]["batch_size"] = 1000
+    config["splits"] = {"n_folds": 2}
+    config["cohorts"] = {}
+    for name, panel in cohorts.items():
+        (wd / f"{name}.tsv").write_text("sample_id\tpatient_id\txenium_dir\the_path\n"
+                                        f"s1\tp1\t{xenium}\t{he}\ns2\tp2\t{xenium}\t{he}\n")
+        (wd / f"{name}.panel.yaml").write_text(yaml.safe_dump(panel))
+        (wd / f"{name}.yaml").write_text(yaml.safe_dump({"samples": f"{name}.tsv", "panel": f"{name}.panel.yaml"}))
+        config["cohorts"][name] = f"{name}.yaml"
+    (wd / "config.yaml").write_text(yaml.safe_dump(config))
+    return wd / "config.yaml"
 
 
 def test_rule_qc_runs_and_fails_on_missing_panel_gene(tmp_path, xenium_dir):
+    """The real Snakefile: cohort "bad" has a panel gene its samples lack (found by the qc job)."""
     wd = tmp_path / "wd"
     wd.mkdir()
-    (wd / "Snakefile").write_text(textwrap.dedent(SNAKEFILE.format(
-        xenium=xenium_dir, he=SVS, rules=ROOT / "workflow" / "rules" / "qc.smk")))
+    cfg = write_workflow_config(wd, {"good": {"core": ["AKT1", "CD3D"], "addon": ["CD3E"]},
+                                     "bad": {"core": ["AKT1", "CD3D"], "addon": ["CD3E", "NOT_IN_SAMPLE"]}},
+                                xenium=xenium_dir, he=SVS)
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     proc = subprocess.run(
         [sys.executable, "-m", "snakemake", "results/good/samples/s1/qc", "results/bad/samples/s1/qc",
-         "-s", str(wd / "Snakefile"), "--directory", str(wd), "--cores", "1", "--keep-going",
-         "--workflow-profile", "none", "--quiet", "rules"],
+         "-s", str(ROOT / "Snakefile"), "--directory", str(wd), "--configfile", str(cfg), "--cores", "1",
+         "--keep-going", "--workflow-profile", "none", "--quiet", "rules"],
         capture_output=True, text=True, env=env, timeout=300, cwd=wd,
     )
-    assert proc.returncode != 0  # the "bad" job failed
+    assert proc.returncode != 0, proc.stdout + proc.stderr  # the "bad" job failed
     log = (wd / "results/bad/logs/qc/s1.log").read_text()
     assert "NOT_IN_SAMPLE" in log and "panel gene(s) absent" in log and str(xenium_dir) in log
     assert not (wd / "results/bad/samples/s1/qc").exists()
     qc_dir = wd / "results/good/samples/s1/qc"
     summary = json.loads((qc_dir / "summary.json").read_text())
     assert summary["sample"] == "s1" and summary["n_transcripts"] == 5257 and summary["panel_genes_checked"] == 3
-    assert summary["qv_min"] == 20.0 and summary["he"]["mpp"] == pytest.approx(0.499)  # NaN he_mpp -> file's MPP
+    assert summary["qv_min"] == 20.0 and summary["he"]["mpp"] == pytest.approx(0.499)  # no he_mpp -> file's MPP
     assert (qc_dir / "thumbnail.png").stat().st_size > 0
     assert "rule qc done" in (wd / "results/good/logs/qc/s1.log").read_text()

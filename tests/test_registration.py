@@ -513,6 +513,22 @@ def test_error_bad_config_values(scene, tmp_path):
     _expect_error(scene, tmp_path, "registration.region_assignment", region_assignment="all")
 
 
+def test_typed_config_sections_replace_the_keyword_settings(scene, tmp_path):
+    from morphomol.config import IOConfig, RegistrationConfig
+
+    kp = tmp_path / "keypoints.csv"
+    make_landmarks(scene, kp, n=8, sigma_um=1.0, seed=1)
+    kw = dict(robust="ransac", outlier_threshold_um=8.0, max_rms_um=12.0, region_assignment="nearest", refine="never",
+              refine_mpp=2.0)
+    _run(scene, tmp_path / "kw", alignment=kp, batch_size=5000, **kw)
+    _run(scene, tmp_path / "cfg", alignment=kp, qv_min=None, cfg=RegistrationConfig(**kw, mpp_tolerance=0.1),
+         io=IOConfig(qv_min=20.0, batch_size=5000))
+    assert (tmp_path / "kw/registration.json").read_bytes() == (tmp_path / "cfg/registration.json").read_bytes()
+    bad = RegistrationConfig(**{**kw, "robust": "lmeds"}, mpp_tolerance=0.1)
+    with pytest.raises(InputError, match="registration.robust"):
+        _run(scene, tmp_path / "bad", alignment=kp, robust="trim", cfg=bad)
+
+
 # ------------------------------------------------------------------------------------------
 # the real DAPI image through the refinement loader
 # ------------------------------------------------------------------------------------------
@@ -582,7 +598,7 @@ SIM_NOISE = 1.5
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
-    simulate = pytest.importorskip("morphomol.simulate")
+    simulate = pytest.importorskip("morphomol.synthetic")
     root = tmp_path_factory.mktemp("sim")
     truth = simulate.simulate_sample(root / "S1", sample_id="S1", patient_id="P1",
                                      core_genes=["EPCAM", "PTPRC", "ACTA2", "KRT8"], addon_genes=["CD3E", "MS4A1"],

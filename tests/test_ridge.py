@@ -1,5 +1,6 @@
 """HEST-style ridge baseline: recovers linear signal, chooses alpha by patient-grouped CV, and
-writes metrics.json / predictions.parquet for a fold from real zarr/parquet stores."""
+writes metrics.json / predictions.parquet for a fold from real unit tables and feature stores,
+scored by the metrics every trained setting uses (morphomol.eval.metrics)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ import pandas as pd
 import pytest
 import zarr
 
-from morphomol import ridge
+from morphomol.baselines import ridge
+from morphomol.baselines.ridge import ridge_baseline, run_ridge_fold
+from morphomol.config.sections import RidgeConfig
+from morphomol.data.units import write_units
 from morphomol.errors import InputError
-from morphomol.ridge import per_gene_metrics, ridge_baseline, run_ridge_fold
+from morphomol.eval.metrics import per_gene_metrics, regression_report
 
 
 def _linear(n: int, d: int, g: int, n_groups: int, seed: int, noise: float = 0.3):
@@ -95,13 +99,26 @@ def test_bad_inputs():
     with pytest.raises(InputError, match="shapes"):
         ridge_baseline(x, y, groups, x[:, :3], y)
     m = per_gene_metrics(np.ones((5, 1)), np.arange(5.0)[:, None], ["FLAT"])
-    assert m["FLAT"]["pearson"] is None and m["FLAT"]["mse"] == pytest.approx(np.mean((np.arange(5.0) - 1) ** 2))
+    assert np.isnan(m.at["FLAT", "pearson"]) and m.at["FLAT", "mse"] == pytest.approx(np.mean((np.arange(5.0) - 1) ** 2))
+
+
+def test_metrics_are_those_of_the_trained_settings():
+    # a constant target gene on the test tiles: same NaN handling / means / n_undefined as regression_report
+    x, y, groups = _linear(120, 10, 3, 6, seed=7)
+    y_te = y[100:].copy()
+    y_te[:, 1] = 0.5
+    res = ridge_baseline(x[:100], y[:100], groups[:100], x[100:], y_te, alphas=[1.0], genes=["a", "b", "c"])
+    want = regression_report(y_te, res["pred"], ["a", "b", "c"])
+    assert np.isnan(res["per_gene"]["b"]["pearson"]) and res["n_undefined"] == want["n_undefined"] == 1
+    assert res["mean"] == want["mean"] and res["genes"] == ["a", "b", "c"]
+    np.testing.assert_array_equal(res["pearson"], [want["per_gene"][g]["pearson"] for g in "abc"])
 
 
 def _cohort(tmp: Path, genes: list[str], addon: list[str]):
+    """Six samples of 30 tiles: features stores, unit tables (raw counts of all genes), split, panel."""
     rng = np.random.default_rng(6)
     w = rng.normal(size=(16, len(genes)))
-    feats, toks, rows = {}, {}, []
+    feats, units, rows = {}, {}, []
     for s in range(6):
         sample, n = f"S{s}", 30
         x = rng.normal(size=(n, 16)).astype(np.float32)
@@ -109,35 +126,38 @@ def _cohort(tmp: Path, genes: list[str], addon: list[str]):
         fz = tmp / f"features/{sample}.zarr"
         g = zarr.open_group(str(fz), mode="w")
         g.create_array("features", shape=x.shape, dtype="float32")[:] = x
-        g.attrs.update({"encoder": "vit_s", "dim": 16})
-        tz = tmp / f"samples/{sample}/tokens.zarr"
-        g = zarr.open_group(str(tz), mode="w")
-        g.create_array("tile_counts", shape=counts.shape, dtype="uint32")[:] = counts
-        g.attrs.update({"genes": genes, "grid": 14, "sample": sample})
-        feats[sample], toks[sample] = fz, tz
+        g.attrs.update({"encoder": "vit_s", "dim": 16, "n_tiles": n})
+        ids = [f"{sample}__{i:06d}" for i in range(n)]
+        obs = pd.DataFrame({"x_px": np.arange(n) * 256, "y_px": 0}, index=ids)
+        units[sample] = write_units(tmp / f"samples/{sample}/units.h5ad", obs, counts, genes,
+                                    spatial_um=np.zeros((n, 2)), unit="tile", sample=sample, patient=f"P{s}")
+        feats[sample] = fz
         part = "test" if s < 2 else ("val" if s == 2 else "fit")
         for i in range(n):
-            rows.append({"tile_id": f"{sample}__{i:06d}", "sample_id": sample, "patient_id": f"P{s}",
-                         "index": i, "partition": part})
+            rows.append({"tile_id": ids[i], "sample_id": sample, "patient_id": f"P{s}", "index": i,
+                         "partition": part})
     split = tmp / "splits/fold0.parquet"
     split.parent.mkdir(parents=True)
     pd.DataFrame(rows).to_parquet(split)
     panel = tmp / "panels/fold0.json"
     panel.parent.mkdir(parents=True)
     panel.write_text(json.dumps({"mode": "yaml", "core": [g for g in genes if g not in addon], "addon": addon}))
-    return split, panel, feats, toks
+    return split, panel, units, feats
+
+
+RIDGE = RidgeConfig(n_components=256, inner_folds=3, select_by="mse", alphas=(0.1, 10.0, 1000.0))
 
 
 def test_run_ridge_fold_writes_contract_outputs(tmp_path):
     genes = ["A", "B", "C", "D"]
-    split, panel, feats, toks = _cohort(tmp_path, genes, ["C", "A"])
+    split, panel, units, feats = _cohort(tmp_path, genes, ["C", "A"])
     out = tmp_path / "runs/ridge_vit_s/fold0"
-    m = run_ridge_fold(split, panel, feats, toks, out / "metrics.json", out / "predictions.parquet",
-                       encoder="vit_s", fold=0, alphas=[0.1, 10.0, 1000.0], inner_folds=3)
+    m = run_ridge_fold(split, panel, units, feats, out / "metrics.json", out / "predictions.parquet",
+                       encoder="vit_s", fold=0, cfg=RIDGE)
     saved = json.loads((out / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(m))
     for key in ("setting", "fold", "kind", "status", "n_fit", "n_val", "n_test", "genes", "mean", "per_gene",
-                "best_epoch", "epochs_run", "train_seconds", "tiles_per_second"):
+                "n_undefined", "best_epoch", "epochs_run", "train_seconds", "tiles_per_second"):
         assert key in saved
     assert saved["setting"] == "ridge_vit_s" and saved["kind"] == "regression" and saved["status"] == "ok"
     assert (saved["n_fit"], saved["n_val"], saved["n_test"]) == (90, 30, 60)
@@ -147,18 +167,51 @@ def test_run_ridge_fold_writes_contract_outputs(tmp_path):
     pred = pd.read_parquet(out / "predictions.parquet")
     assert list(pred.columns) == ["tile_id", "gene", "y", "y_hat"] and len(pred) == 60 * 2
     assert pred["tile_id"].str.startswith(("S0__", "S1__")).all()
-    # y is log1p of the add-on counts of the right tile
+    # y is log1p of the add-on counts of the right tile (unit table row 7 of S1, gene A = column 0)
     row = pred[(pred.tile_id == "S1__000007") & (pred.gene == "A")].iloc[0]
-    counts = zarr.open_group(str(toks["S1"]), mode="r")["tile_counts"][7]
+    import anndata as ad
+
+    counts = ad.read_h5ad(units["S1"]).X[7].toarray().ravel()
     assert row.y == pytest.approx(np.log1p(counts[0]), rel=1e-6)
+    # the metrics are regression_report of the written predictions, as for the trained settings
+    pred["gene"] = pred["gene"].astype(str)
+    wide_y = pred.pivot(index="tile_id", columns="gene", values="y")[["C", "A"]].to_numpy()
+    wide_p = pred.pivot(index="tile_id", columns="gene", values="y_hat")[["C", "A"]].to_numpy()
+    rep = regression_report(wide_y, wide_p, ["C", "A"])
+    assert saved["mean"]["pearson"] == pytest.approx(rep["mean"]["pearson"], abs=1e-5)
+    # defaults when no ridge section is given (17 alphas, inner_folds 5 capped by 4 training patients)
+    m2 = run_ridge_fold(split, panel, units, feats, out / "m2.json", out / "p2.parquet", encoder="vit_s", fold=0)
+    assert len(m2["alpha_cv"]) == 17 and m2["inner_folds"] == 4
+
+
+def test_run_ridge_fold_checks_rows(tmp_path):
+    split, panel, units, feats = _cohort(tmp_path, ["A", "B"], ["B"])
+    out = tmp_path / "runs/ridge_vit_s/fold0"
+    df = pd.read_parquet(split)
+    df.loc[df["tile_id"] == "S3__000004", "index"] = 5  # the row of another tile
+    df.to_parquet(split)
+    with pytest.raises(InputError, match="S3__000004"):
+        run_ridge_fold(split, panel, units, feats, out / "metrics.json", out / "predictions.parquet",
+                       encoder="vit_s", fold=0, cfg=RIDGE)
+    df.loc[df["tile_id"] == "S3__000004", "index"] = 30
+    df.to_parquet(split)
+    with pytest.raises(InputError, match="out of range"):
+        run_ridge_fold(split, panel, units, feats, out / "metrics.json", out / "predictions.parquet",
+                       encoder="vit_s", fold=0, cfg=RIDGE)
+    df.loc[df["tile_id"] == "S3__000004", "index"] = 4
+    df.to_parquet(split)
+    with pytest.raises(InputError, match="no unit table for sample 'S5'"):
+        run_ridge_fold(split, panel, {k: v for k, v in units.items() if k != "S5"}, feats, out / "metrics.json",
+                       out / "predictions.parquet", encoder="vit_s", fold=0, cfg=RIDGE)
+    assert not out.exists() or not any(out.iterdir())
 
 
 def test_run_ridge_fold_bad_panel_writes_nothing(tmp_path):
-    split, panel, feats, toks = _cohort(tmp_path, ["A", "B"], ["B"])
+    split, panel, units, feats = _cohort(tmp_path, ["A", "B"], ["B"])
     panel.write_text(json.dumps({"core": ["A"], "addon": ["ZZZ"]}))
     out = tmp_path / "runs/ridge_vit_s/fold0"
     with pytest.raises(InputError, match="ZZZ"):
-        run_ridge_fold(split, panel, feats, toks, out / "metrics.json", out / "predictions.parquet",
-                       encoder="vit_s", fold=0)
+        run_ridge_fold(split, panel, units, feats, out / "metrics.json", out / "predictions.parquet",
+                       encoder="vit_s", fold=0, cfg=RIDGE)
     assert not out.exists() or not any(out.iterdir())
     assert ridge.DEFAULT_COMPONENTS == 256

@@ -227,7 +227,7 @@ def test_profile_dry_run_works_without_slurm(tmp_path):
     assert res.returncode == 0, out
     # the profile's GPU settings reach the GPU rules, and only them
     for rule, (model, _) in _expected_gpu_routing().items():
-        if rule in ("features", "train"):
+        if rule in ("features", "fusion_train"):
             block = out.split(f"rule {rule}:", 1)[1].split("\n\n", 1)[0]
             assert f"gpu_model={model}" in block and "gpu=1" in block, block
     tile = out.split("rule tile:", 1)[1].split("\n\n", 1)[0]
@@ -285,7 +285,7 @@ def test_gpu_rules_go_to_gpu_partitions_cpu_rules_to_cpu(ci_profile, tmp_path):
 
     routing = _expected_gpu_routing()
     seen = set()
-    for rule in ("features", "train"):
+    for rule in ("features", "fusion_train"):
         model, partition = routing[rule]
         (rec,) = _records(work, rule)
         assert rec["SLURM_JOB_PARTITION"] == partition == rec["Partition"], rec
@@ -316,7 +316,7 @@ def test_cpu_job_killed_once_is_retried_with_more_memory(ci_profile, tmp_path):
     assert _mem_mb(retried["MinMemoryNode"]) == 8000  # attempt 2: "4000 * attempt"
     assert retried["SLURM_JOB_PARTITION"] == _cpu_partition()
     assert "JobState=COMPLETED" in _scontrol_job(retried["SLURM_JOB_ID"])
-    assert stats["jobs_submitted"] == 4  # tile x2, features, train
+    assert stats["jobs_submitted"] == 4  # tile x2, features, fusion_train
     assert (work / "out" / "model.txt").exists()
 
 
@@ -333,7 +333,7 @@ def test_cancelled_training_resumes_from_checkpoint_on_rerun(ci_profile, tmp_pat
     bg = Background(cmd, tmp_path / "run1.log")
     _wait_for(lambda: ledger.exists() and len(ledger.read_text().splitlines()) >= 2, 300,
               "two finished training epochs", bg)
-    (train1,) = _records(work, "train")
+    (train1,) = _records(work, "fusion_train")
     subprocess.run(["scancel", train1["SLURM_JOB_ID"]], check=True)
     rc1 = bg.wait(timeout=300)
     _record_run("training_cancelled", time.monotonic() - bg.t0, bg.output, returncode=rc1)
@@ -350,11 +350,11 @@ def test_cancelled_training_resumes_from_checkpoint_on_rerun(ci_profile, tmp_pat
     res, stats = _run("training_resumed", cmd, timeout=600)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-6000:]
-    assert stats["jobs_submitted"] == 1, out[-6000:]  # only train
+    assert stats["jobs_submitted"] == 1, out[-6000:]  # only fusion_train
     assert {p: (work / p).stat().st_mtime_ns for p in before} == before  # nothing upstream redone
     assert (len(_records(work, "tile")), len(_records(work, "features"))) == (n_tile, n_feat)
 
-    train1, train2 = _records(work, "train")
+    train1, train2 = _records(work, "fusion_train")
     lines = [dict(kv.split("=") for kv in line.split()) for line in ledger.read_text().splitlines()]
     assert [int(d["epoch"]) for d in lines] == list(range(epochs)), lines  # every epoch exactly once
     by_job = {d["job"] for d in lines[: saved["epoch"]]}, {d["job"] for d in lines[saved["epoch"]:]}
@@ -374,14 +374,14 @@ def test_cancelled_training_is_resumed_by_the_profile_retry(ci_profile, tmp_path
                     tmp_path / "run.log")
     _wait_for(lambda: ledger.exists() and len(ledger.read_text().splitlines()) >= 2, 300,
               "two finished training epochs", bg)
-    (first,) = _records(work, "train")
+    (first,) = _records(work, "fusion_train")
     subprocess.run(["scancel", first["SLURM_JOB_ID"]], check=True)
     rc = bg.wait(timeout=600)
     stats = _record_run("training_cancelled_retried", time.monotonic() - bg.t0, bg.output, returncode=rc)
     assert rc == 0, bg.output[-6000:]
-    assert stats["jobs_submitted"] == 4  # tile, features, train x2
-    first, second = _records(work, "train")
-    assert second["SLURM_JOB_PARTITION"] == first["SLURM_JOB_PARTITION"] == _expected_gpu_routing()["train"][1]
+    assert stats["jobs_submitted"] == 4  # tile, features, fusion_train x2
+    first, second = _records(work, "fusion_train")
+    assert second["SLURM_JOB_PARTITION"] == first["SLURM_JOB_PARTITION"] == _expected_gpu_routing()["fusion_train"][1]
     lines = [dict(kv.split("=") for kv in line.split()) for line in ledger.read_text().splitlines()]
     assert [int(d["epoch"]) for d in lines] == list(range(epochs)), lines
     assert {d["job"] for d in lines} == {first["SLURM_JOB_ID"], second["SLURM_JOB_ID"]}, lines

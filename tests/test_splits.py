@@ -9,7 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from morphomol.errors import InputError
-from morphomol.splits import check_fold, make_splits, splits_cohort
+from morphomol.config import SplitsConfig
+from morphomol.data.units import write_units
+from morphomol.splits import check_fold, make_splits, split_fold
 
 
 def _tiles(samples_per_patient, tiles_per_sample, seed=0):
@@ -46,11 +48,14 @@ def test_patient_grouped_folds(spp, seed, frac):
     _invariants(folds, key)
 
 
-def test_small_demo_falls_back_to_samples(caplog):
+def test_fewer_patients_than_folds_is_an_error():
+    """Folds are never grouped by anything finer than the patient (no silent sample-level fallback)."""
     t = _tiles([2, 1, 2], 30)  # 3 patients, 5 samples, 4 folds
-    folds, key = make_splits(t, 4, 0.25, 0)
-    assert key == "sample_id"
-    assert "grouped by sample_id" in caplog.text
+    with pytest.raises(InputError) as exc:
+        make_splits(t, 4, 0.25, 0)
+    assert exc.value.field == "splits.n_folds" and "3 patient" in exc.value.message
+    folds, key = make_splits(t, 3, 0.25, 0)
+    assert key == "patient_id"
     _invariants(folds, key)
     for f in folds:  # validation patients never also in fit when grouping val by patient
         tv = f[f.partition != "test"]
@@ -68,7 +73,7 @@ def test_deterministic_and_seeded():
 
 
 def test_errors_and_check():
-    with pytest.raises(InputError, match="cannot make 4 grouped folds"):
+    with pytest.raises(InputError, match="cannot make 4 patient-grouped folds"):
         make_splits(_tiles([1, 1, 1], 5), 4)
     t = _tiles([1] * 5, 5)
     f, _ = make_splits(t, 4)
@@ -78,16 +83,23 @@ def test_errors_and_check():
         check_fold(bad)
 
 
-def test_rule_entry(tmp_path):
+def test_rule_entry_reads_unit_tables(tmp_path):
     paths, samples, patients = [], [], []
     for s in range(5):
-        p = tmp_path / f"S{s}.parquet"
-        pd.DataFrame({"tile_id": [f"S{s}__{i:06d}" for i in range(7)], "index": np.arange(7)}).to_parquet(p)
+        p = tmp_path / f"S{s}.h5ad"
+        obs = pd.DataFrame({"tile_id": [f"S{s}__{i:06d}" for i in range(7)], "index": np.arange(7)})
+        write_units(p, obs, np.ones((7, 2)), ["g1", "g2"], spatial_um=np.zeros((7, 2)), unit="tile", sample=f"S{s}",
+                    index_col="tile_id")
         paths.append(p)
         samples.append(f"S{s}")
         patients.append(f"P{s % 4}")
+    cfg = SplitsConfig(n_folds=4, val_fraction=0.25)
     outs = [tmp_path / f"splits/fold{k}.parquet" for k in range(4)]
-    splits_cohort(tiles=paths, samples=samples, patients=patients, out=outs, n_folds=4, val_fraction=0.25, seed=0)
+    for k, o in enumerate(outs):
+        split_fold(units=paths, samples=samples, patients=patients, fold=k, out=o, cfg=cfg, seed=0)
     folds = [pd.read_parquet(o) for o in outs]
     assert list(folds[0].columns) == ["tile_id", "sample_id", "patient_id", "index", "partition"]
+    assert folds[0]["tile_id"].tolist()[:2] == ["S0__000000", "S0__000001"]
     _invariants(folds, "patient_id")
+    with pytest.raises(InputError, match="out of range"):
+        split_fold(units=paths, samples=samples, patients=patients, fold=4, out=tmp_path / "x.parquet", cfg=cfg)

@@ -11,29 +11,37 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from morphomol import tables as T
+from morphomol.config.sections import TablesConfig
 from morphomol.errors import InputError
+from morphomol.eval import stats as ES
+from morphomol.report import metadata as M
+from morphomol.report import render as R
+from morphomol.report import runs as RR
+from morphomol.studies.fusion import tables as T
+from morphomol.studies.fusion.settings import ModelSetting
 
 GENES = ["G1", "G2"]
 
-SETTINGS = {
+SETTING_FIELDS = {
     "late_concat_token": {"kind": "regression", "fusion_stage": "late", "fusion_strategy": "concat",
                           "morph_encoder": "vit_s", "freeze_morph": True, "expr_encoder": "mlp",
-                          "freeze_expr": False, "expr_aggregation": "token", "paper_row": 26, "requires_weights": []},
-    "morph_vit_s": {"kind": "regression", "fusion_stage": None, "fusion_strategy": None, "morph_encoder": "vit_s",
+                          "freeze_expr": False, "expr_aggregation": "token", "paper_row": 26},
+    "morph_vit_s": {"kind": "regression", "fusion_stage": "none", "fusion_strategy": None, "morph_encoder": "vit_s",
                     "freeze_morph": False, "expr_encoder": None, "freeze_expr": False, "expr_aggregation": None,
-                    "paper_row": 30, "requires_weights": []},
-    "morph_conch": {"kind": "regression", "fusion_stage": "-", "fusion_strategy": "-", "morph_encoder": "conch",
-                    "freeze_morph": True, "expr_encoder": "-", "freeze_expr": False, "expr_aggregation": "-",
-                    "paper_row": 27, "requires_weights": ["conch"]},
-    "expr_mlp_token": {"kind": "regression", "fusion_stage": None, "morph_encoder": None, "expr_encoder": "mlp",
-                       "freeze_expr": False, "expr_aggregation": "token", "paper_row": 33, "requires_weights": []},
-    "min_mae": {"kind": "min_mae", "paper_row": "min-mae", "requires_weights": []},
-    "clip_token": {"kind": "clip", "morph_encoder": "vit_s", "expr_encoder": "mlp", "expr_aggregation": "token",
-                   "requires_weights": []},
-    "clip_tile": {"kind": "clip", "morph_encoder": "vit_s", "expr_encoder": "mlp", "expr_aggregation": "tile",
-                  "requires_weights": []},
+                    "paper_row": 30},
+    "morph_conch": {"kind": "regression", "fusion_stage": "none", "fusion_strategy": None, "morph_encoder": "conch",
+                    "freeze_morph": True, "expr_encoder": None, "freeze_expr": False, "expr_aggregation": None,
+                    "paper_row": 27},
+    "expr_mlp_token": {"kind": "regression", "fusion_stage": "none", "morph_encoder": None, "expr_encoder": "mlp",
+                       "freeze_expr": False, "expr_aggregation": "token", "paper_row": 33},
+    "min_mae": {"kind": "min_mae", "paper_row": "min-mae"},
+    "clip_token": {"kind": "clip", "morph_encoder": "vit_s", "expr_encoder": "mlp", "expr_aggregation": "token"},
+    "clip_tile": {"kind": "clip", "morph_encoder": "vit_s", "expr_encoder": "mlp", "expr_aggregation": "tile"},
 }
+#: validated settings (schema + combinations + encoder registry), as the workflow loads them
+SETTINGS = {n: ModelSetting.from_dict(n, d) for n, d in SETTING_FIELDS.items()}
+TABLES = TablesConfig(baseline="best_morph_only", plot_gene=None, alpha=0.05, ridge=True, spatial_samples=None,
+                      thumbnail_max_size=1024)
 
 # per-fold mean metrics (spearman, pearson, mse) chosen by hand
 FOLDS = {
@@ -77,9 +85,9 @@ def cohort(tmp_path: Path) -> Path:
 
 
 def build(cohort: Path, **kw):
-    res = T.load_runs(T.discover_runs(cohort))
+    res = RR.load_runs(RR.discover_runs(cohort))
     pg = T.per_gene_table(res.genes)
-    a1 = T.build_table_a1(SETTINGS, res, encoders_cfg={}, n_folds=4, per_gene=pg, **kw)
+    a1 = T.build_table_a1(SETTINGS, res, weights={}, n_folds=4, per_gene=pg, **kw)
     return res, pg, a1
 
 
@@ -108,8 +116,8 @@ def test_mean_std_ddof1(cohort: Path) -> None:
 
 
 def test_pretrained_when_weights_configured(cohort: Path) -> None:
-    res = T.load_runs(T.discover_runs(cohort))
-    a1 = T.build_table_a1(SETTINGS, res, encoders_cfg={"vit_s": {"weights": "w.safetensors"}}, n_folds=4)
+    res = RR.load_runs(RR.discover_runs(cohort))
+    a1 = T.build_table_a1(SETTINGS, res, weights={"vit_s": "w.safetensors"}, n_folds=4)
     assert a1.set_index("setting").loc["morph_vit_s", "morph_init"] == "pretrained"
     assert a1.set_index("setting").loc["expr_mlp_token", "morph_init"] == "-"
 
@@ -118,12 +126,14 @@ def test_unrunnable_and_missing_runs_are_listed(cohort: Path) -> None:
     # remove one fold of expr_mlp_token: its row keeps 3 folds and says which fold is missing
     (cohort / "runs" / "expr_mlp_token" / "fold2" / "metrics.json").unlink()
     settings = dict(SETTINGS)
-    settings["late_phikon"] = {"kind": "regression", "fusion_stage": "late", "morph_encoder": "phikon",
-                               "requires_weights": ["phikon"]}
-    settings["never_ran"] = {"kind": "regression", "fusion_stage": "early", "morph_encoder": "vit_s",
-                             "requires_weights": []}
-    res = T.load_runs(T.discover_runs(cohort))
-    a1 = T.build_table_a1(settings, res, encoders_cfg={}, n_folds=4).set_index("setting")
+    settings["late_phikon"] = ModelSetting.from_dict("late_phikon", {
+        "kind": "regression", "fusion_stage": "late", "fusion_strategy": "add", "morph_encoder": "phikon",
+        "freeze_morph": True, "expr_encoder": "mlp", "expr_aggregation": "tile"})
+    settings["never_ran"] = ModelSetting.from_dict("never_ran", {
+        "kind": "regression", "fusion_stage": "early", "fusion_strategy": "add", "morph_encoder": "vit_s",
+        "expr_encoder": "mlp", "expr_aggregation": "token"})
+    res = RR.load_runs(RR.discover_runs(cohort))
+    a1 = T.build_table_a1(settings, res, weights={}, n_folds=4).set_index("setting")
     assert a1.loc["morph_conch", "status"] == "missing weights: conch (set encoders.conch.weights)"
     assert a1.loc["late_phikon", "status"] == "missing weights: phikon (set encoders.phikon.weights)"
     assert math.isnan(a1.loc["morph_conch", "spearman_mean"]) and a1.loc["morph_conch", "spearman"] == "n/a"
@@ -134,7 +144,7 @@ def test_unrunnable_and_missing_runs_are_listed(cohort: Path) -> None:
     # every configured regression setting has a row, in config order
     assert list(a1.index) == [n for n in settings if not n.startswith("clip_")]
     # and the rendered markdown row carries the reason
-    md = T.render_markdown(a1.reset_index(), T.A1_COLUMNS)
+    md = R.render_markdown(a1.reset_index(), T.A1_COLUMNS)
     line = next(ln for ln in md.splitlines() if ln.startswith("| morph\\_conch "))
     assert "missing weights: conch (set encoders.conch.weights)" in line
 
@@ -142,8 +152,8 @@ def test_unrunnable_and_missing_runs_are_listed(cohort: Path) -> None:
 def test_failed_fold_status(cohort: Path) -> None:
     write_run(cohort, "morph_vit_s", 3, {"setting": "morph_vit_s", "fold": 3, "kind": "regression",
                                          "status": "diverged"})
-    res = T.load_runs(T.discover_runs(cohort))
-    a1 = T.build_table_a1(SETTINGS, res, encoders_cfg={}, n_folds=4).set_index("setting")
+    res = RR.load_runs(RR.discover_runs(cohort))
+    a1 = T.build_table_a1(SETTINGS, res, weights={}, n_folds=4).set_index("setting")
     assert a1.loc["morph_vit_s", "status"] == "not ok: fold3 (diverged)"
     assert a1.loc["morph_vit_s", "n_folds_ok"] == 3
 
@@ -163,23 +173,24 @@ def test_best_lower_is_better_for_mse_when_it_differs() -> None:
         "setting": ["a", "a", "b", "b"], "fold": [0, 1, 0, 1], "kind": "regression", "status": "ok", "path": "",
         "spearman": [0.9, 0.9, 0.5, 0.5], "pearson": [0.1, 0.1, 0.6, 0.6], "mse": [2.0, 2.0, 1.0, 1.0],
         "mae": 0.0})
-    res = T.RunResults(folds=folds.reindex(columns=T._FOLD_COLUMNS), genes=pd.DataFrame(columns=T._GENE_COLUMNS))
-    a1 = T.build_table_a1({"a": {}, "b": {}}, res, encoders_cfg={}, n_folds=2).set_index("setting")
+    res = RR.RunResults(folds=folds.reindex(columns=RR.FOLD_COLUMNS), genes=pd.DataFrame(columns=RR.GENE_COLUMNS))
+    a1 = T.build_table_a1({"a": ModelSetting("a"), "b": ModelSetting("b")}, res, weights={},
+                          n_folds=2).set_index("setting")
     assert a1.loc["a", "spearman_best"] and not a1.loc["b", "spearman_best"]
     assert a1.loc["b", "pearson_best"] and not a1.loc["a", "pearson_best"]
     assert a1.loc["b", "mse_best"] and not a1.loc["a", "mse_best"]
-    md = T.render_markdown(a1.reset_index(), T.A1_COLUMNS)
+    md = R.render_markdown(a1.reset_index(), T.A1_COLUMNS)
     assert "**0.900 ± 0.000**" in md and "**1.000 ± 0.000**" in md and "**2.000" not in md
-    tex = T.render_latex(a1.reset_index(), T.A1_COLUMNS)
+    tex = R.render_latex(a1.reset_index(), T.A1_COLUMNS)
     assert r"$\mathbf{0.900 \pm 0.000}$" in tex and r"$\mathbf{1.000 \pm 0.000}$" in tex
     assert r"$2.000 \pm 0.000$" in tex
 
 
 def test_ttests_and_holm_by_hand(cohort: Path) -> None:
     res, _, a1 = build(cohort)
-    baseline = T.resolve_baseline("best_morph_only", a1, SETTINGS)
+    baseline = T.resolve_baseline("best_morph_only", a1)
     assert baseline == "morph_vit_s"  # the only morph-only setting with results (conch has no weights)
-    tt = T.paired_ttests(res.folds, baseline)
+    tt = ES.paired_ttests(res.folds, baseline, metrics=T.METRICS)
     sp = tt[tt["metric"] == "spearman"].set_index("setting")
     assert set(sp.index) == {"late_concat_token", "expr_mlp_token", "min_mae"}
     # by hand: paired differences late_concat_token - morph_vit_s
@@ -210,27 +221,27 @@ def test_ttests_and_holm_by_hand(cohort: Path) -> None:
 
 def test_holm_known_values() -> None:
     # p = [0.01, 0.04, 0.03, nan, 0.2]: sorted 0.01*4=0.04, 0.03*3=0.09, 0.04*2=0.08->0.09, 0.2*1=0.2
-    adj = T.holm([0.01, 0.04, 0.03, float("nan"), 0.2])
+    adj = ES.holm([0.01, 0.04, 0.03, float("nan"), 0.2])
     assert adj[0] == pytest.approx(0.04)
     assert adj[2] == pytest.approx(0.09)
     assert adj[1] == pytest.approx(0.09)
     assert math.isnan(adj[3])
     assert adj[4] == pytest.approx(0.2)
-    assert T.holm([0.6, 0.9]).tolist() == [1.0, 1.0]
+    assert ES.holm([0.6, 0.9]).tolist() == [1.0, 1.0]
     try:
         from statsmodels.stats.multitest import multipletests
     except ImportError:  # pragma: no cover
         return
     p = np.array([0.001, 0.2, 0.03, 0.04, 0.5, 0.011])
-    np.testing.assert_allclose(T.holm(p), multipletests(p, method="holm")[1])
+    np.testing.assert_allclose(ES.holm(p), multipletests(p, method="holm")[1])
 
 
 def test_explicit_and_unknown_baseline(cohort: Path) -> None:
     res, _, a1 = build(cohort)
-    assert T.resolve_baseline("min_mae", a1, SETTINGS) == "min_mae"
+    assert T.resolve_baseline("min_mae", a1) == "min_mae"
     with pytest.raises(InputError, match="tables.baseline"):
-        T.resolve_baseline("nope", a1, SETTINGS)
-    tt = T.paired_ttests(res.folds, "min_mae")
+        T.resolve_baseline("nope", a1)
+    tt = ES.paired_ttests(res.folds, "min_mae", metrics=T.METRICS)
     assert set(tt["baseline"]) == {"min_mae"} and "min_mae" not in set(tt["setting"])
 
 
@@ -255,8 +266,8 @@ def test_per_gene_and_min_mae_comparison(cohort: Path) -> None:
 
 
 def test_table_a2_recall_and_random(cohort: Path) -> None:
-    res = T.load_runs(T.discover_runs(cohort))
-    a2 = T.build_table_a2(SETTINGS, res, encoders_cfg={}, n_folds=4).set_index("setting")
+    res = RR.load_runs(RR.discover_runs(cohort))
+    a2 = T.build_table_a2(SETTINGS, res, weights={}, n_folds=4).set_index("setting")
     assert list(a2.index) == ["clip_token", "clip_tile", "random"]
     r1 = [0.06, 0.065, 0.058, 0.061]
     assert a2.loc["clip_token", "recall@1_mean"] == pytest.approx(np.mean(r1))
@@ -269,7 +280,7 @@ def test_table_a2_recall_and_random(cohort: Path) -> None:
 
 def test_rendering_markdown_and_latex_structure(cohort: Path) -> None:
     _, _, a1 = build(cohort)
-    md = T.render_markdown(a1, T.A1_COLUMNS, title="Table A.1", notes=["note_with_underscore"])
+    md = R.render_markdown(a1, T.A1_COLUMNS, title="Table A.1", notes=["note_with_underscore"])
     lines = [ln for ln in md.splitlines() if ln.startswith("|")]
     ncol = len(T.A1_COLUMNS)
     # header, separator and one line per row, each with ncol cells (escaped pipes do not count)
@@ -280,7 +291,7 @@ def test_rendering_markdown_and_latex_structure(cohort: Path) -> None:
     assert "late\\_concat\\_token" in md and "late_concat_token" not in md.replace("\\_", "#")
     assert "note\\_with\\_underscore" in md
 
-    tex = T.render_latex(a1, T.A1_COLUMNS, caption="Table A.1 (cohort_1)", label="tab:a1")
+    tex = R.render_latex(a1, T.A1_COLUMNS, caption="Table A.1 (cohort_1)", label="tab:a1")
     assert tex.count(r"\begin{tabular}") == 1 and tex.count(r"\end{tabular}") == 1
     assert tex.count(r"\begin{table}") == tex.count(r"\end{table}") == 1
     assert r"\toprule" in tex and r"\midrule" in tex and r"\bottomrule" in tex
@@ -298,11 +309,11 @@ def test_rendering_markdown_and_latex_structure(cohort: Path) -> None:
 
 
 def test_escaping_special_characters() -> None:
-    assert T.tex_escape("a_b & 50% $x$ #1 {y} ~ ^ \\") == (
+    assert R.tex_escape("a_b & 50% $x$ #1 {y} ~ ^ \\") == (
         r"a\_b \& 50\% \$x\$ \#1 \{y\} \textasciitilde{} \textasciicircum{} \textbackslash{}")
-    assert T.md_escape("a_b|c*d") == r"a\_b\|c\*d"
+    assert R.md_escape("a_b|c*d") == r"a\_b\|c\*d"
     df = pd.DataFrame({"setting": ["x|y_z"], "status": ["ok"]})
-    md = T.render_markdown(df, [T.Column("setting", "Setting"), T.Column("status", "Status")])
+    md = R.render_markdown(df, [R.Column("setting", "Setting"), R.Column("status", "Status")])
     assert md.splitlines()[2] == r"| x\|y\_z | ok |"
 
 
@@ -310,13 +321,13 @@ def test_metrics_validation(tmp_path: Path) -> None:
     p = write_run(tmp_path, "s", 0, {"setting": "s", "fold": 0, "kind": "regression", "status": "ok",
                                      "mean": {"pearson": 0.1, "mse": 1.0}})
     with pytest.raises(InputError, match=r"field 'mean.spearman'"):
-        T.load_runs([p])
+        RR.load_runs([p])
     p = write_run(tmp_path, "t", 1, {"setting": "other", "fold": 1, "kind": "regression", "status": "ok",
                                      "mean": {"pearson": 0.1, "spearman": 0.1, "mse": 1.0}})
     with pytest.raises(InputError, match="does not match the run directory"):
-        T.load_runs([p])
+        RR.load_runs([p])
     with pytest.raises(InputError, match="metrics file not found"):
-        T.load_runs([tmp_path / "runs" / "u" / "fold0"])
+        RR.load_runs([tmp_path / "runs" / "u" / "fold0"])
 
 
 def test_ridge_rows_included(cohort: Path) -> None:
@@ -327,14 +338,13 @@ def test_ridge_rows_included(cohort: Path) -> None:
     assert r["family"] == "baseline (ridge)" and r["morph_encoder"] == "vit_s"
     assert r["spearman_mean"] == pytest.approx(0.515)
     # ridge is a baseline, not a morph-only setting
-    assert T.resolve_baseline("best_morph_only", a1, SETTINGS) == "morph_vit_s"
+    assert T.resolve_baseline("best_morph_only", a1) == "morph_vit_s"
 
 
 def test_make_tables_and_cross_cohort(cohort: Path, tmp_path: Path) -> None:
     out = cohort / "tables"
-    written = T.make_tables(T.discover_runs(cohort), out, settings=SETTINGS, encoders_cfg={},
-                            tables_cfg={"baseline": "best_morph_only"}, n_folds=4, cohort="demo",
-                            config={"seed": 0}, metadata_json=out / "run_metadata.json",
+    written = T.make_tables(RR.discover_runs(cohort), out, settings=SETTINGS, weights={}, cfg=TABLES, n_folds=4,
+                            cohort="demo", config={"seed": 0}, metadata_json=out / "run_metadata.json",
                             metadata_md=out / "run_metadata.md")
     for name in ("table_a1.csv", "table_a1.md", "table_a1.tex", "table_a2.csv", "table_a2.md", "table_a2.tex",
                  "per_gene.csv", "ttests.csv", "run_metadata.json", "run_metadata.md"):
@@ -348,7 +358,7 @@ def test_make_tables_and_cross_cohort(cohort: Path, tmp_path: Path) -> None:
     assert len(meta["runs"]) == 16 + 8
     # deterministic: regenerating gives identical tables
     before = (out / "table_a1.md").read_text()
-    T.make_tables(T.discover_runs(cohort), out, settings=SETTINGS, encoders_cfg={}, n_folds=4, cohort="demo")
+    T.make_tables(RR.discover_runs(cohort), out, settings=SETTINGS, weights={}, n_folds=4, cohort="demo")
     assert (out / "table_a1.md").read_text() == before
 
     other = pd.read_csv(out / "table_a1.csv")
@@ -364,9 +374,9 @@ def test_make_tables_and_cross_cohort(cohort: Path, tmp_path: Path) -> None:
 def test_weights_checksum_in_metadata(cohort: Path, tmp_path: Path) -> None:
     w = tmp_path / "w.bin"
     w.write_bytes(b"abc")
-    res = T.load_runs(T.discover_runs(cohort))
-    meta = T.run_metadata(cohort="demo", config={}, settings=SETTINGS, reasons={}, results=res,
-                          encoders_cfg={"vit_s": {"weights": str(w)}, "conch": {"weights": str(tmp_path / "no")}})
+    res = RR.load_runs(RR.discover_runs(cohort))
+    meta = M.run_metadata(cohort="demo", config={}, settings=SETTINGS, reasons={}, results=res,
+                          weights={"vit_s": str(w), "conch": str(tmp_path / "no"), "uni": None})
     assert meta["weights"]["vit_s"]["sha256"] == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     assert meta["weights"]["conch"]["exists"] is False
 
@@ -376,43 +386,55 @@ def test_pretrained_read_from_runs(cohort: Path) -> None:
         payload = regression_payload("morph_vit_s", k, sp, pe, mse)
         payload["pretrained"] = True
         write_run(cohort, "morph_vit_s", k, payload)
-    res = T.load_runs(T.discover_runs(cohort))
-    a1 = T.build_table_a1(SETTINGS, res, encoders_cfg={}, n_folds=4).set_index("setting")
+    res = RR.load_runs(RR.discover_runs(cohort))
+    a1 = T.build_table_a1(SETTINGS, res, weights={}, n_folds=4).set_index("setting")
     assert a1.loc["morph_vit_s", "morph_init"] == "pretrained"  # metrics.json wins over the config
     assert a1.loc["late_concat_token", "morph_init"] == "random-init"  # no field: config (no vit_s weights)
 
 
 REPO = Path(__file__).resolve().parents[1]
-FAKE_COMMON = '''
-import pandas as pd
-COHORTS = {"demo": {"samples": pd.DataFrame({"he_path": ["he.tif"], "he_mpp": [0.5]}, index=pd.Index(["s1"], name="sample_id")),
-                    "splits": {"n_folds": 4}, "encoders": {}, "tables": {"ridge": False},
-                    "experiments": {"clip_settings": ["clip_token", "clip_tile"]}}}
-SETTINGS = %(settings)r
-SAMPLE_DIR = "results/{cohort}/samples/{sample}"
-def ccfg(w, section):
-    return COHORTS[w if isinstance(w, str) else w.cohort].get(section, {})
-def _clean(v):
-    return None if v is None or v != v or v == "" else v
-def samples_of(c): return list(COHORTS[c]["samples"].index)
-def folds_of(c): return [0, 1, 2, 3]
-def feature_encoders(c): return []
-def runnable_runs(c):
-    return [f"results/{c}/runs/{s}/fold{k}" for s, d in SETTINGS.items() if not d["requires_weights"] for k in folds_of(c)]
-include: "%(smk)s"
-report: "%(report)s"
+# Stand-in for workflow/rules/fusion.smk's `fusion_tables` rule: the same inputs, outputs and params
+# (plain data: settings as dicts, the tables section as a dict), running the real adapter script.
+STANDIN_RULE = '''
+rule fusion_tables:
+    input:
+        metrics=lambda w: sorted(str(p) for p in Path(f"results/{w.cohort}/fusion/runs").glob("*/fold*/metrics.json")),
+    output:
+        a1_csv="results/{cohort}/fusion/tables/table_a1.csv",
+        a1_md="results/{cohort}/fusion/tables/table_a1.md",
+        a1_tex="results/{cohort}/fusion/tables/table_a1.tex",
+        a2_csv="results/{cohort}/fusion/tables/table_a2.csv",
+        a2_md="results/{cohort}/fusion/tables/table_a2.md",
+        a2_tex="results/{cohort}/fusion/tables/table_a2.tex",
+        per_gene="results/{cohort}/fusion/tables/per_gene.csv",
+        ttests="results/{cohort}/fusion/tables/ttests.csv",
+        metadata_json="results/{cohort}/fusion/tables/run_metadata.json",
+        metadata_md="results/{cohort}/fusion/tables/run_metadata.md",
+    params:
+        settings_file="config/experiments/table_a1.yaml",
+        settings=%(settings)r,
+        weights={"vit_s": None, "conch": None},
+        tables=%(tables)r,
+        n_folds=4,
+        config={"seed": 0},
+        samples=[{"sample_id": "s1", "patient_id": "p1", "he_path": "he.tif", "he_mpp": "0.5"}],
+    log:
+        "results/{cohort}/logs/fusion_tables/tables.log",
+    script:
+        "%(script)s"
 '''
 
 
 def test_tables_rule_runs_in_snakemake(tmp_path: Path) -> None:
-    """workflow/rules/tables.smk + scripts/tables.py under real Snakemake (common.smk stand-in)."""
+    """scripts/fusion_tables.py under real Snakemake (rule stand-in with fusion.smk's params)."""
+    import dataclasses
     import subprocess
     import sys
 
-    (tmp_path / "Snakefile").write_text(FAKE_COMMON % {
-        "settings": SETTINGS, "smk": REPO / "workflow" / "rules" / "tables.smk",
-        "report": REPO / "workflow" / "report" / "workflow.rst"})
-    cohort_dir = tmp_path / "results" / "demo"
+    script = REPO / "scripts" / "fusion_tables.py"
+    (tmp_path / "Snakefile").write_text("from pathlib import Path\n" + STANDIN_RULE % {
+        "settings": SETTING_FIELDS, "tables": dataclasses.asdict(TABLES), "script": script})
+    cohort_dir = tmp_path / "results" / "demo" / "fusion"
     for s, vals in FOLDS.items():
         for k, (sp, pe, mse) in enumerate(vals):
             write_run(cohort_dir, s, k, regression_payload(s, k, sp, pe, mse))
@@ -420,22 +442,15 @@ def test_tables_rule_runs_in_snakemake(tmp_path: Path) -> None:
         for k, (r1, r5) in enumerate(vals):
             write_run(cohort_dir, s, k, {"setting": s, "fold": k, "kind": "clip", "status": "ok", "recall@1": r1,
                                          "recall@5": r5, "random_recall@1": 1 / 256, "random_recall@5": 5 / 256})
-    snakemake = [sys.executable, "-m", "snakemake", "-c1"]
-    res = subprocess.run([*snakemake, "results/demo/tables/table_a1.csv"], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-m", "snakemake", "-c1", "results/demo/fusion/tables/table_a1.csv"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    a1 = pd.read_csv(cohort_dir / "tables" / "table_a1.csv").set_index("setting")
+    tables = cohort_dir / "tables"
+    a1 = pd.read_csv(tables / "table_a1.csv").set_index("setting")
     assert a1.loc["morph_conch", "status"] == "missing weights: conch (set encoders.conch.weights)"
     assert a1.loc["late_concat_token", "spearman_mean"] == pytest.approx(0.82)
-    assert "Holm" not in (cohort_dir / "tables" / "ttests.csv").read_text()  # a CSV, not prose
-    assert (cohort_dir / "logs" / "tables" / "tables.log").read_text().count("rule tables done") == 1
-    meta = json.loads((cohort_dir / "tables" / "run_metadata.json").read_text())
+    assert "Holm" not in (tables / "ttests.csv").read_text()  # a CSV, not prose
+    log = tmp_path / "results" / "demo" / "logs" / "fusion_tables" / "tables.log"
+    assert log.read_text().count("rule fusion_tables done") == 1
+    meta = json.loads((tables / "run_metadata.json").read_text())
     assert meta["cohort"] == "demo" and meta["config"]["samples"][0]["sample_id"] == "s1"
-    # the plots rule asks for the tables, predictions of regression runs only, tiles, tokens, panel
-    res = subprocess.run([*snakemake, "-n", "results/demo/tables/plots"], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=300)
-    assert res.returncode != 0
-    missing = res.stderr + res.stdout
-    assert "runs/late_concat_token/fold0/predictions.parquet" in missing
-    assert "clip_token/fold0/predictions.parquet" not in missing
-    assert "samples/s1/tokens.zarr" in missing and "panels/fold0.json" in missing

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from morphomol.errors import InputError
-from morphomol.tiling import (TileGrid, detect_tissue, plan_tiles, tile_sample, tile_tissue_fraction,
-                             write_pyramidal_tiff)
+from morphomol.geometry import TileGrid
+from morphomol.tiling import detect_tissue, plan_tiles, tile_sample, tile_tissue_fraction, write_pyramidal_tiff
 
 GENES = [f"G{i:02d}" for i in range(12)]
 

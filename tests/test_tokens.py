@@ -11,8 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from morphomol.errors import InputError
-from morphomol.tiling import Batch, TileGrid, check_regions, count_cells, tile_stats, um_to_patch_matrices
 from morphomol import tokens
+from morphomol.geometry import Batch, TileGrid, check_regions, um_to_patch_matrices
+from morphomol.tiling import count_cells, tile_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -163,6 +164,29 @@ def test_region_without_transform_is_an_input_error():
     with pytest.raises(InputError, match="region 5"):
         check_regions(np.array([5], np.int32), has, "S1")
     check_regions(np.array([0, -1, 0], np.int32), has, "S1")
+
+
+def test_locate_kernel_matches_numpy_and_kernels_build_once():
+    from morphomol.geometry import grid_from_attrs, locate_kernel
+    from morphomol.util.numba import njit_kernels
+
+    grid = TileGrid(3.0, -2.0, 140.0, 70.0, 3, 2, 14)
+    assert grid_from_attrs({"grid": grid.to_dict()}) == grid
+    M, has = um_to_patch_matrices(grid, [np.array([[2.0, 0.1, 5.0], [-0.1, 2.0, 1.0], [0, 0, 1]]), None])
+    assert has.tolist() == [True, False]
+    locate = locate_kernel()
+    npx, npy = float(grid.n_patch_x), float(grid.n_patch_y)
+    rng = np.random.default_rng(0)
+    for x, y in rng.uniform(-20, 160, (300, 2)).astype(np.float32):
+        fx = M[0, 0, 0] * np.float64(x) + M[0, 0, 1] * np.float64(y) + M[0, 0, 2]
+        fy = M[0, 1, 0] * np.float64(x) + M[0, 1, 1] * np.float64(y) + M[0, 1, 2]
+        inside = 0 <= fx < npx and 0 <= fy < npy
+        assert locate(M, 0, x, y, npx, npy) == ((int(fx), int(fy)) if inside else (-1, -1))
+        assert locate(M, 1, x, y, npx, npy) == (-1, -1)  # NaN row: region without a transform
+    assert locate_kernel() is locate
+    calls = []
+    first = njit_kernels("test.once", lambda: calls.append(1) or {"k": 1})
+    assert njit_kernels("test.once", lambda: calls.append(2) or {"k": 2}) is first and calls == [1]
 
 
 def test_panel_genes_missing_is_an_input_error():

@@ -1,4 +1,5 @@
-"""The trainer on synthetic in-memory tiles: resume after SIGTERM, fusion vs unimodal, Min-MAE, CLIP."""
+"""The trainer on synthetic in-memory tiles: resume after SIGTERM (only onto identical inputs, never
+on a corrupt resume file), fusion vs unimodal, Min-MAE, CLIP; and through the real stores."""
 
 from __future__ import annotations
 
@@ -13,26 +14,26 @@ import pandas as pd
 import pytest
 import torch
 
+from morphomol.config import ModelConfig, default_sections, typed
 from morphomol.errors import InputError
-from morphomol.models import build_model, load_settings
-from morphomol.training import (
-    RESUME_NAME,
-    FoldData,
-    InMemoryTiles,
-    Preempted,
-    TrainConfig,
-    epoch_batches,
-    learning_rate,
-    min_mae_select,
-    run_min_mae,
-    synthetic_tiles,
-    train_clip,
-    train_setting,
-)
+from morphomol.studies.fusion import clip as fusion_clip
+from morphomol.studies.fusion import regression
+from morphomol.studies.fusion.baselines import min_mae_select, run_min_mae
+from morphomol.studies.fusion.data import FoldData, FoldInputs, fold_from_stores
+from morphomol.studies.fusion.models import build_model
+from morphomol.studies.fusion.run import run_setting
+from morphomol.studies.fusion.settings import load_settings
+from morphomol.synthetic.fixtures import synthetic_tiles
+from morphomol.train.checkpoint import RunOutputs
+from morphomol.train.loop import learning_rate
+from morphomol.train.resume import RESUME_NAME, Preempted
+from morphomol.train.runtime import Runtime
+from morphomol.train.sources import InMemoryTiles, epoch_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = load_settings(ROOT / "config" / "experiments" / "table_a1.yaml")
-TINY = {"vit": {"embed_dim": 32, "depth": 1, "num_heads": 2}, "expr_hidden": 32}
+TINY = default_sections(model={"vit": {"embed_dim": 32, "depth": 1, "num_heads": 2}, "expr_hidden": 32}).model
+RUNTIME = Runtime(seed=0, threads=1, device="cpu")
 
 
 def fold_data(n_fit: int, n_val: int, n_test: int, seed: int = 0, n_targets: int = 3) -> FoldData:
@@ -42,11 +43,22 @@ def fold_data(n_fit: int, n_val: int, n_test: int, seed: int = 0, n_targets: int
                     core, addon)
 
 
-def cfg(**kw) -> TrainConfig:
+def cfg(**kw):
+    """The training section with the tests' small-run values (schema defaults for the rest)."""
     base = dict(epochs=3, warmup_epochs=1, batch_size=16, lr_head=3e-3, lr_backbone=1e-3, min_lr=1e-5,
-                patience=10, seed=0, threads=1, device="cpu")
+                patience=10, num_workers=0)
     base.update(kw)
-    return TrainConfig(**base)
+    return default_sections(training=base).training
+
+
+def train_setting(setting, data, out, *, train_cfg, model_cfg=TINY, encoders_cfg=None, **kw):
+    """One regression run with the tests' runtime (CPU, 1 thread, seed 0)."""
+    return regression.train_setting(setting, data, out, training=train_cfg, model=model_cfg, runtime=RUNTIME,
+                                    weights=encoders_cfg or {}, **kw)
+
+
+def train_clip(setting, data, out, *, train_cfg, model_cfg=TINY, **kw):
+    return fusion_clip.train_clip(setting, data, out, training=train_cfg, model=model_cfg, runtime=RUNTIME, **kw)
 
 
 # ---------------------------------------------------------------- schedule and order
@@ -129,6 +141,20 @@ def test_stale_resume_file_is_ignored(tmp_path):
     assert other["resumed"] is False and other["epochs_run"] == 2
 
 
+def test_corrupt_resume_file_warns_and_starts_fresh(tmp_path, caplog):
+    data = fold_data(32, 16, 16)
+    s = SETTINGS["expr_mlp_token"]
+    with pytest.raises(Preempted):
+        train_setting(s, data, tmp_path, train_cfg=cfg(epochs=2), on_step=lambda st: os.kill(os.getpid(), signal.SIGTERM))
+    resume = tmp_path / RESUME_NAME
+    resume.write_bytes(resume.read_bytes()[:100])  # truncated, as by a kill during a write
+    with caplog.at_level("WARNING", logger="morphomol"):
+        got = train_setting(s, data, tmp_path, train_cfg=cfg(epochs=2))
+    assert got["resumed"] is False and got["epochs_run"] == 2
+    assert any("cannot read resume state" in r.getMessage() and str(resume) in r.getMessage() for r in caplog.records)
+    assert not resume.exists()
+
+
 # ---------------------------------------------------------------- outputs, checkpoint, features
 
 
@@ -147,7 +173,7 @@ def test_outputs_and_checkpoint_reload(tmp_path):
     assert list(pred.columns) == ["tile_id", "gene", "y", "y_hat"] and len(pred) == 24 * 3
     meta = json.loads((tmp_path / "checkpoint.json").read_text())
     assert meta["setting"] == s.name and meta["addon_genes"] == data.addon_genes
-    model = build_model(s, meta["n_core"], meta["n_targets"], meta["model"])
+    model = build_model(s, meta["n_core"], meta["n_targets"], typed(ModelConfig, meta["model"]))
     model.load_state_dict(load_file(str(tmp_path / "checkpoint.safetensors")))
     model.eval()
     with torch.no_grad():
@@ -166,18 +192,19 @@ def test_frozen_morph_trains_on_cached_features(tmp_path):
     computed = train_setting(s, data, tmp_path / "a", train_cfg=cfg(epochs=2), model_cfg=TINY)
     assert computed["features"] == {"vit_s": "computed"}
     # the same frozen (random-init, seed 0) ViT features written as a per-sample features zarr
-    from morphomol.models import ViTEncoder
-    from morphomol.training import frozen_vit_features
+    from morphomol.models.vit import ViTEncoder
+    from morphomol.studies.fusion.data import frozen_vit_features
 
     torch.manual_seed(0)
-    vit = ViTEncoder(TINY["vit"])
+    vit = ViTEncoder(TINY.vit)
     every = InMemoryTiles(data.fit.tile_ids + data.val.tile_ids + data.test.tile_ids,
                           image=np.concatenate([d.arrays["image"] for d in (data.fit, data.val, data.test)]))
     feats = frozen_vit_features(vit, every, 16, torch.device("cpu"))
     g = zarr.open_group(str(tmp_path / "synth.zarr"), mode="w")
     g.create_array("features", shape=feats.shape, dtype="float32")[:] = feats
+    g.attrs.update({"encoder": "vit_s", "dim": int(feats.shape[1]), "n_tiles": int(feats.shape[0])})
     cached_data = FoldData(data.fit, data.val, data.test, data.core_genes, data.addon_genes,
-                           feature_paths={"vit_s": {"synth": str(tmp_path / "synth.zarr")}})
+                           feature_paths={"vit_s": {"synth": tmp_path / "synth.zarr"}})
     cached = train_setting(s, cached_data, tmp_path / "b", train_cfg=cfg(epochs=2), model_cfg=TINY)
     assert cached["features"] == {"vit_s": "cache"}
     for g_ in data.addon_genes:
@@ -203,7 +230,7 @@ def test_settings_without_weights_fail_clearly(tmp_path):
         train_setting(SETTINGS["morph_phikon_fz"], data, tmp_path, train_cfg=cfg(epochs=1), model_cfg=TINY)
     with pytest.raises(InputError, match="cached 'phikon' features"):
         train_setting(SETTINGS["morph_phikon_fz"], data, tmp_path, train_cfg=cfg(epochs=1), model_cfg=TINY,
-                      encoders_cfg={"phikon": {"weights": "phikon.safetensors"}})
+                      encoders_cfg={"phikon": "phikon.safetensors"})
     assert not (tmp_path / "metrics.json").exists()
 
 
@@ -307,11 +334,16 @@ def write_cohort(root: Path, n_per_sample: int = 40, samples=("S0", "S1", "S2", 
     return cdir
 
 
-def test_store_backed_runs_resume_and_match_the_split(tmp_path):
-    from morphomol.training import RunOutputs, fold_from_stores, run_from_stores
+def fold_inputs(cdir: Path, with_images: bool = False) -> FoldInputs:
+    samples = sorted(p.name for p in (cdir / "samples").iterdir())
+    return FoldInputs(split=cdir / "splits" / "fold0.parquet", panel=cdir / "panels" / "fold0.json",
+                      tokens={s: cdir / "samples" / s / "tokens.zarr" for s in samples},
+                      tiles={s: cdir / "samples" / s / "tiles.zarr" for s in samples} if with_images else {})
 
+
+def test_store_backed_runs_resume_and_match_the_split(tmp_path):
     cdir = write_cohort(tmp_path)
-    data = fold_from_stores(cdir, 0)
+    data = fold_from_stores(fold_inputs(cdir))
     assert (len(data.fit), len(data.val), len(data.test)) == (80, 40, 40)
     # a store epoch is the fit partition, once, in an order fixed by (seed, epoch)
     ep = list(data.fit.epoch(1, batch_size=16, fields=["tokens", "tile", "target"], seed=0))
@@ -325,32 +357,52 @@ def test_store_backed_runs_resume_and_match_the_split(tmp_path):
     # resume through the store's chunk-shuffled loader (SIGTERM mid epoch 2)
     s = SETTINGS["expr_mlp_token"]
     c = cfg(epochs=3, batch_size=16)
-    common = dict(cohort_dir=cdir, fold=0, setting=s.to_dict(), setting_name=s.name, training=vars(c), seed=0,
-                  threads=1, model=TINY)
-    ref = run_from_stores(outputs=RunOutputs.in_dir(tmp_path / "ref"), **common)
+
+    def run(out, setting=s, training=c, inputs=None, **kw):
+        return run_setting(setting, inputs or fold_inputs(cdir), RunOutputs.in_dir(out), fold=0, training=training,
+                           model=TINY, weights={}, runtime=RUNTIME, **kw)
+
+    ref = run(tmp_path / "ref")
     with pytest.raises(Preempted):
-        train_setting(s, data, tmp_path / "run", train_cfg=c, model_cfg=TINY,
-                      on_step=lambda st: os.kill(os.getpid(), signal.SIGTERM) if st == 7 else None)
-    got = run_from_stores(outputs=RunOutputs.in_dir(tmp_path / "run"), **common)
+        run(tmp_path / "run", on_step=lambda st: os.kill(os.getpid(), signal.SIGTERM) if st == 7 else None)
+    got = run(tmp_path / "run")
     assert got["resumed"] and got["per_gene"] == ref["per_gene"] and got["mean"] == ref["mean"]
     pred = pd.read_parquet(tmp_path / "run" / "predictions.parquet")
     assert set(pred.tile_id.astype(str)) == set(data.test.tile_ids)
 
     # images through the store, and the Min-MAE baseline (ADD0 is close to CORE0)
-    m = run_from_stores(outputs=RunOutputs.in_dir(tmp_path / "early"), **{**common, "setting": SETTINGS[
-        "early_add_vits_ft_mlp_token"].to_dict(), "setting_name": "early_add_vits_ft_mlp_token",
-        "training": vars(cfg(epochs=1, batch_size=16))})
+    m = run(tmp_path / "early", SETTINGS["early_add_vits_ft_mlp_token"], cfg(epochs=1, batch_size=16),
+            fold_inputs(cdir, with_images=True))
     assert m["n_test"] == 40 and m["epochs_run"] == 1
-    mm = run_from_stores(outputs=RunOutputs.in_dir(tmp_path / "minmae"), **{**common, "setting": SETTINGS[
-        "min_mae"].to_dict(), "setting_name": "min_mae"})
+    mm = run(tmp_path / "minmae", SETTINGS["min_mae"])
     assert mm["source_gene"]["ADD0"] == "CORE0"
+
+
+def test_resume_only_onto_identical_inputs(tmp_path, caplog):
+    """A run interrupted, then rerun after an input artifact was rewritten, starts fresh and says why
+    (a stale resume state onto new data would silently give wrong metrics)."""
+    cdir = write_cohort(tmp_path)
+    s, c = SETTINGS["expr_mlp_token"], cfg(epochs=3, batch_size=16)
+
+    def run(**kw):
+        return run_setting(s, fold_inputs(cdir), RunOutputs.in_dir(tmp_path / "run"), fold=0, training=c, model=TINY,
+                           weights={}, runtime=RUNTIME, **kw)
+
+    with pytest.raises(Preempted):
+        run(on_step=lambda st: os.kill(os.getpid(), signal.SIGTERM) if st == 7 else None)
+    # the upstream rule reran and rewrote sample S0's token store (same layout, new file times)
+    tc = cdir / "samples" / "S0" / "tokens.zarr" / "zarr.json"
+    os.utime(tc, ns=(tc.stat().st_atime_ns, tc.stat().st_mtime_ns + 10**9))
+    with caplog.at_level("WARNING", logger="morphomol"):
+        got = run()
+    assert got["resumed"] is False and got["epochs_run"] == 3
+    assert any("input:tokens/S0" in r.getMessage() for r in caplog.records)
 
 
 CHILD = """
 import sys, time
 sys.path.insert(0, {tests!r})
-from test_training import SETTINGS, TINY, cfg, fold_data
-from morphomol.training import train_setting
+from test_training import SETTINGS, TINY, cfg, fold_data, train_setting
 
 def slow(step):
     print("STEP", step, flush=True)

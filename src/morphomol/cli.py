@@ -2,6 +2,7 @@
 
     morphomol simulate OUT_DIR --panel config/cohorts/demo/panel.yaml --patients 3 --samples-per-patient 2
     morphomol encoders
+    morphomol studies
     morphomol check-config [config/config.yaml]
 """
 
@@ -19,7 +20,7 @@ log = get_logger("cli")
 
 def _cmd_simulate(args: argparse.Namespace) -> None:
     from morphomol.config import read_yaml
-    from morphomol.simulate import simulate_cohort
+    from morphomol.synthetic import simulate_cohort
 
     panel = read_yaml(args.panel, "panel YAML")
     extra = read_yaml(args.params, "simulation parameters YAML") if args.params else {}
@@ -38,21 +39,44 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
 def _cmd_encoders(args: argparse.Namespace) -> None:
     from morphomol.encoders import list_encoders_table
 
-    print(list_encoders_table())
+    configured = None
+    if args.config:
+        from morphomol.config import load_config
+
+        configured = load_config(args.config).base.encoders
+    print(list_encoders_table(configured))
+
+
+def _cmd_studies(args: argparse.Namespace) -> None:
+    from morphomol.config import kinds
+    from morphomol.studies import list_studies
+
+    for s in list_studies():
+        print(f"{s.name:10s} cohort kinds: {', '.join(s.cohort_kinds):12s} {s.description}")
+    print()
+    for k in kinds().values():
+        print(f"cohort kind {k.name}: {k.description}; sheet columns {', '.join(k.columns)} "
+              f"(required: {', '.join(k.required)}); default studies: {', '.join(k.studies)}")
 
 
 def _cmd_check_config(args: argparse.Namespace) -> None:
-    from morphomol.config import load_cohorts, load_settings, read_yaml, setting_status
+    from morphomol.config import load_config
 
-    config = read_yaml(args.config, "config")
-    schema_dir = Path(args.schemas)
-    cohorts = load_cohorts(config, schema_dir, config_file=args.config)
-    settings = load_settings(config["experiments"]["settings_file"])
-    for name, c in cohorts.items():
-        runnable = [s for s in settings if setting_status(settings[s], c.config.get("encoders")) is None]
-        print(f"cohort {name}: {len(c.samples)} samples, {c.samples['patient_id'].nunique()} patients, "
-              f"panel {len(c.panel['core'])} core / {len(c.panel['addon'])} add-on genes, "
-              f"{len(runnable)}/{len(settings)} settings runnable")
+    pc = load_config(args.config)
+    for name, c in pc.cohorts.items():
+        line = (f"cohort {name} ({c.kind.name}; studies {', '.join(c.studies)}): {len(c.samples)} samples, "
+                f"{c.samples['patient_id'].nunique()} patients")
+        if c.panel is not None:
+            line += f", panel {c.panel.mode}: {len(c.panel.core)} core / {len(c.panel.addon)} add-on genes"
+        if "fusion" in c.studies:
+            from morphomol.studies.fusion.settings import load_settings
+
+            settings = load_settings(c.cfg.experiments.settings_file)
+            weights = {e: entry.weights for e, entry in c.cfg.encoders.items()}
+            runnable = [s for s in settings.values() if s.not_runnable_reason(weights) is None]
+            line += f"; fusion: {len(runnable)}/{len(settings)} settings runnable"
+        print(line)
+    print("configuration OK")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,12 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--params", help="YAML of extra simulate_sample parameters (tissue_um, he_mpp, ...)")
     p.set_defaults(func=_cmd_simulate)
 
-    p = sub.add_parser("encoders", help="list the encoder registry")
+    p = sub.add_parser("encoders", help="list the encoder registry (and the weights a config names)")
+    p.add_argument("--config", help="config.yaml whose encoders section to show")
     p.set_defaults(func=_cmd_encoders)
 
-    p = sub.add_parser("check-config", help="validate the config, cohorts, sample sheets and panels")
+    p = sub.add_parser("studies", help="list the studies and cohort kinds")
+    p.set_defaults(func=_cmd_studies)
+
+    p = sub.add_parser("check-config", help="validate the config, cohorts, sample sheets, panels and settings "
+                                            "(everything checkable before any job runs)")
     p.add_argument("config", nargs="?", default="config/config.yaml")
-    p.add_argument("--schemas", default="workflow/schemas")
     p.set_defaults(func=_cmd_check_config)
 
     args = parser.parse_args(argv)

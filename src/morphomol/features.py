@@ -7,10 +7,14 @@ CUDA and copied with ``non_blocking=True``; the model runs under bf16 autocast w
 on CUDA and in fp32 on CPU. Expression encoders (Geneformer) read ``tokens.zarr``'s
 ``tile_counts`` (N, G) with gene names from its ``genes`` attribute.
 
-Output (written to a temporary sibling and renamed, :func:`morphomol.util.atomic.atomic_path`):
-``features`` (N, D) float32, optional ``tokens`` (N, T, D) float16 (patch tokens), attrs
-``encoder``, ``weights_sha256`` (or ``random-init:seed=N``), ``dim``, ``n_tiles``,
-``tiles_store``, ``pooling``, ``arch`` (geometry), ``precision``.
+Output: a features store written through :mod:`morphomol.data.features` (the one reader/writer
+of that layout; temporary sibling renamed on success): ``features`` (N, D) float32, optional
+``tokens`` (N, T, D) float16 (patch tokens), attrs ``encoder``, ``weights_sha256`` (or
+``random-init:seed=N``), ``dim``, ``n_tiles``, ``tiles_store``, ``pooling``, ``arch`` (geometry),
+``precision``, ``kind`` (+ ``n_tokens``).
+
+Library code: the Snakemake adapter (``scripts/features.py``) maps the config to the explicit
+arguments of :func:`extract_features`.
 """
 
 from __future__ import annotations
@@ -20,22 +24,27 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from morphomol.util.atomic import atomic_path
+from morphomol.data.features import open_features_writer, open_zarr_group
 from morphomol.encoders import create_encoder, get_spec
 from morphomol.errors import InputError
 from morphomol.util.logs import get_logger
 
+if TYPE_CHECKING:
+    from morphomol.config.sections import EncoderConfig, FeaturesConfig, ViTConfig
+
 log = get_logger("features")
 
+#: ``model.vit`` keys that set the geometry of the ``vit_s`` feature encoder
 VIT_GEOMETRY_KEYS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto``/None/empty -> cuda when available else cpu; an unavailable cuda device is an InputError."""
     if device in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
@@ -43,50 +52,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise InputError(f"device '{device}' requested but CUDA is not available", field="features.device",
                          expected="auto, cpu or an available cuda device")
     return dev
-
-
-def encoder_settings(
-    encoder: str,
-    encoders_cfg: Mapping[str, Any] | None = None,
-    model_cfg: Mapping[str, Any] | None = None,
-    features_cfg: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Weights path, architecture overrides, batch size, device and patch_tokens for ``encoder``
-    from the config sections ``encoders``, ``model`` and ``features``.
-
-    ``vit_s`` takes its geometry from ``model.vit`` (embed_dim/depth/num_heads...) so that the
-    frozen ViT-S of the feature cache is the network the models use; any encoder may add
-    ``encoders.<name>.overrides`` and ``encoders.<name>.pooling``.
-    """
-    entry = dict((encoders_cfg or {}).get(encoder) or {})
-    fcfg = dict(features_cfg or {})
-    overrides: dict[str, Any] = {}
-    if encoder == "vit_s":
-        vit = dict((model_cfg or {}).get("vit") or {})
-        overrides.update({k: vit[k] for k in VIT_GEOMETRY_KEYS if k in vit})
-    overrides.update(dict(entry.get("overrides") or {}))
-    if entry.get("pooling"):
-        overrides["pooling"] = entry["pooling"]
-    return {
-        "weights": entry.get("weights") or None,
-        "overrides": overrides,
-        "batch_size": int(entry.get("batch_size") or fcfg.get("batch_size") or 256),
-        "device": fcfg.get("device", "auto"),
-        "patch_tokens": bool(entry.get("patch_tokens", fcfg.get("patch_tokens", False))),
-    }
-
-
-def _open_group(path: str | Path) -> Any:
-    import zarr
-
-    p = Path(path)
-    if not p.exists():
-        raise InputError("store not found", file=p, expected="a zarr group")
-    try:
-        return zarr.open_group(str(p), mode="r")
-    except Exception as exc:
-        raise InputError(f"cannot open zarr group ({type(exc).__name__}: {exc})", file=p,
-                         expected="a zarr v3 group") from None
 
 
 def _blocks(n: int, chunk: int, batch_size: int) -> list[tuple[int, int]]:
@@ -170,21 +135,22 @@ def extract_features(
     *,
     encoder: torch.nn.Module | None = None,
     allow_random: bool | None = None,
+    overrides_field: str | None = None,
     log_every_s: float = 30.0,
 ) -> dict[str, Any]:
     """Run a frozen encoder over every tile of ``tiles_zarr`` and write ``out_zarr``.
 
     Returns a summary (n_tiles, dim, seconds, tiles_per_second, read_seconds). ``encoder`` may be
-    passed pre-built (benchmarks); otherwise it is created from the registry.
+    passed pre-built (benchmarks); otherwise it is created from the registry, ``overrides_field``
+    naming the config key of ``overrides`` in errors (see :func:`morphomol.encoders.create_encoder`).
+    Reads the input store and the weights, writes ``out_zarr`` (replacing it only on success).
     """
-    import zarr
-
     spec = get_spec(encoder_name)
     dev = resolve_device(device)
     batch_size = int(batch_size)
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}", field="features.batch_size")
-    group = _open_group(tiles_zarr)
+    group = open_zarr_group(tiles_zarr)
     genes: list[str] | None = None
     if spec.kind == "image":
         if "images" not in group:
@@ -207,7 +173,8 @@ def extract_features(
     chunk = int(src.chunks[0]) if src.chunks[0] else max(1, batch_size)
 
     if encoder is None:
-        encoder = create_encoder(encoder_name, weights, allow_random=allow_random, **dict(overrides or {}))
+        encoder = create_encoder(encoder_name, weights, allow_random=allow_random, overrides_field=overrides_field,
+                                 **dict(overrides or {}))
     encoder = encoder.to(dev).eval()
     if genes is not None:
         encoder.set_genes(genes)  # type: ignore[operator]
@@ -244,14 +211,9 @@ def extract_features(
              dev, precision, batch_size, dim)
     reader = _Reader(src, blocks, pin=cuda)
     try:
-        with atomic_path(out_path) as tmp:
-            out = zarr.open_group(str(tmp), mode="w")
-            rows = max(1, min(n, blocks[0][1] - blocks[0][0])) if blocks else 1
-            feats = out.create_array("features", shape=(n, dim), chunks=(rows, dim), dtype="float32")
-            toks = None
-            if patch_tokens:
-                toks = out.create_array("tokens", shape=(n, n_tokens, dim),
-                                        chunks=(max(1, min(chunk, rows)), n_tokens, dim), dtype="float16")
+        rows = max(1, min(n, blocks[0][1] - blocks[0][0])) if blocks else 1
+        with open_features_writer(out_path, n, dim, chunk_rows=rows, n_tokens=n_tokens if patch_tokens else None,
+                                  token_chunk_rows=max(1, min(chunk, rows))) as writer:
             pending: list[tuple[int, int, torch.Tensor, torch.Tensor | None, Any]] = []
 
             def to_host(x: torch.Tensor) -> torch.Tensor:
@@ -268,9 +230,7 @@ def extract_features(
                     ps, pe, pf, pt, ev = pending.pop(0)
                     if ev is not None:
                         ev.synchronize()
-                    feats[ps:pe] = pf.numpy()
-                    if toks is not None and pt is not None:
-                        toks[ps:pe] = pt.numpy()
+                    writer.write(ps, pe, pf.numpy(), pt.numpy() if pt is not None else None)
                     done = pe
                     now = time.perf_counter()
                     if now - last_log >= log_every_s or pe == n:
@@ -298,19 +258,14 @@ def extract_features(
             flush(keep=0)
             if done != n:
                 raise RuntimeError(f"feature extraction stopped at {done} of {n} tiles")
-            out.attrs.update(
-                {
-                    "encoder": encoder_name,
-                    "weights_sha256": str(getattr(encoder, "weights_id", "unknown")),
-                    "dim": dim,
-                    "n_tiles": n,
-                    "tiles_store": str(tiles_zarr),
-                    "pooling": str(getattr(encoder, "pooling", "")),
-                    "arch": _json_safe(getattr(encoder, "config", {}).get("arch", {})),
-                    "precision": precision,
-                    "kind": spec.kind,
-                    **({"n_tokens": n_tokens} if patch_tokens else {}),
-                }
+            writer.finish(
+                encoder=encoder_name,
+                weights_sha256=str(getattr(encoder, "weights_id", "unknown")),
+                tiles_store=str(tiles_zarr),
+                pooling=str(getattr(encoder, "pooling", "")),
+                arch=getattr(encoder, "config", {}).get("arch", {}),
+                precision=precision,
+                kind=spec.kind,
             )
     finally:
         reader.close()
@@ -327,40 +282,41 @@ def extract_features(
     return summary
 
 
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return str(obj)
+def feature_job_args(encoder_name: str, encoder: EncoderConfig, features: FeaturesConfig,
+                     vit: ViTConfig) -> dict[str, Any]:
+    """Keyword arguments of :func:`extract_features` for one encoder from its config sections:
+    ``encoders.<name>`` (``encoder``), ``features`` and ``model.vit`` (``vit``).
+
+    ``weights``; ``overrides`` = for ``vit_s`` the ``model.vit`` geometry (so the frozen ViT-S of
+    the feature cache is the network the models train), then ``encoders.<name>.overrides`` and
+    ``encoders.<name>.pooling``; ``batch_size`` and ``patch_tokens`` (the encoder's own value,
+    else the ``features`` section's); ``device``; ``overrides_field`` (the config keys the
+    overrides came from, named in errors). Reads nothing.
+    """
+    overrides: dict[str, Any] = {}
+    fields = []
+    if encoder_name == "vit_s":
+        geometry = vit.timm_kwargs()
+        overrides.update({k: geometry[k] for k in VIT_GEOMETRY_KEYS if k in geometry})
+        fields.append("model.vit")
+    if encoder.overrides:
+        overrides.update(dict(encoder.overrides))
+        fields.append(f"encoders.{encoder_name}.overrides")
+    if encoder.pooling:
+        overrides["pooling"] = encoder.pooling
+    return {
+        "weights": encoder.weights or None,
+        "overrides": overrides,
+        "batch_size": int(encoder.batch_size or features.batch_size or 256),
+        "device": features.device,
+        "patch_tokens": bool(features.patch_tokens if encoder.patch_tokens is None else encoder.patch_tokens),
+        "overrides_field": " or ".join(fields) or None,
+    }
 
 
-def read_features(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
-    """(features (N, D) float32, attrs) of a features zarr."""
-    g = _open_group(path)
-    if "features" not in g:
-        raise InputError("store has no 'features' array", file=path, field="features",
-                         expected="a features zarr written by the features rule")
-    return np.asarray(g["features"][:], dtype=np.float32), dict(g.attrs)
-
-
-def run_rule(smk: Any) -> dict[str, Any]:
-    """Snakemake entry (scripts/features.py): settings from params, one sample, one encoder."""
-    settings = encoder_settings(
-        smk.wildcards.encoder,
-        encoders_cfg=smk.params.encoders,
-        model_cfg=smk.params.model,
-        features_cfg=smk.params.cfg,
-    )
-    return extract_features(
-        tiles_zarr=smk.input.store,
-        out_zarr=smk.output.store,
-        encoder_name=smk.wildcards.encoder,
-        weights=settings["weights"],
-        batch_size=settings["batch_size"],
-        device=settings["device"],
-        overrides=settings["overrides"],
-        patch_tokens=settings["patch_tokens"],
-    )
+def extract_features_for(encoder_name: str, *, store: str | Path, out: str | Path, encoder: EncoderConfig,
+                         features: FeaturesConfig, vit: ViTConfig) -> dict[str, Any]:
+    """The ``features`` rule: :func:`extract_features` of one sample's ``store`` (tiles.zarr, or
+    tokens.zarr for expression encoders) into ``out`` with the settings of
+    :func:`feature_job_args`. Returns the summary."""
+    return extract_features(store, out, encoder_name, **feature_job_args(encoder_name, encoder, features, vit))

@@ -10,15 +10,15 @@ with an exact local-quadratic loess (span 0.3, tricube weights).
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from morphomol.util.atomic import atomic_path
+from morphomol.config.sections import PanelsConfig
+from morphomol.util.jsonio import write_json
 from morphomol.errors import InputError
 from morphomol.util.logs import get_logger
 
@@ -153,26 +153,29 @@ def hvg_panel(counts: dict[str, Any], fit_ids: Sequence[str], n_targets: int) ->
     return {"mode": "hvg", "core": core, "addon": addon}
 
 
-def panel_fold(*, split: str | Path, counts: Sequence[str | Path], samples: Sequence[str], panel: dict[str, Any],
-               out: str | Path, mode: str = "yaml", n_hvg_targets: int = 100, **_: Any) -> dict[str, Any]:
-    """Rule entry: results/{cohort}/panels/fold{k}.json."""
+def panel_fold(*, split: str | Path, units: Mapping[str, str | Path], panel: Mapping[str, Any], out: str | Path,
+               cfg: PanelsConfig) -> dict[str, Any]:
+    """Rule entry: a fold's core / add-on genes -> ``panels/fold{k}.json``.
+
+    ``units``: sample -> unit table (units.h5ad; X = counts of every gene). YAML mode checks every
+    sample measures every panel gene; HVG mode picks seurat_v3 HVGs on the fold's fit units.
+    """
     import anndata as ad
 
-    mode = panel.get("mode") if panel.get("mode") == "hvg" else mode
+    mode = "hvg" if panel.get("mode") == "hvg" else cfg.mode
     if mode == "hvg":
         sp = pd.read_parquet(split, columns=["tile_id", "partition"])
         fit_ids = sp.loc[sp["partition"] == "fit", "tile_id"].tolist()
-        adatas = {s: ad.read_h5ad(p) for s, p in zip(samples, counts, strict=True)}
-        n = int(panel.get("n_targets") or n_hvg_targets)
+        adatas = {s: ad.read_h5ad(p) for s, p in units.items()}
+        n = int(panel.get("n_targets") or cfg.n_hvg_targets)
         res = hvg_panel(adatas, fit_ids, n)
     else:
         genes = {}
-        for s, p in zip(samples, counts, strict=True):
+        for s, p in units.items():
             a = ad.read_h5ad(p, backed="r")
             genes[s] = list(a.var_names)
             a.file.close()
-        res = yaml_panel(panel, genes)
+        res = yaml_panel(dict(panel), genes)
     log.info("panel %s: %d core, %d addon genes", res["mode"], len(res["core"]), len(res["addon"]))
-    with atomic_path(out) as tmp:
-        Path(tmp).write_text(json.dumps(res, indent=1))
+    write_json(out, res, indent=1)
     return res

@@ -1,17 +1,16 @@
-"""Patient-grouped outer folds and grouped inner validation splits.
+"""Patient-grouped outer folds and grouped inner validation splits of a cohort's units.
 
-Outer: ``GroupKFold(n_folds)`` on ``patient_id`` (tile-weighted balancing, deterministic),
-so every tile is ``test`` in exactly one fold and no patient is in two partitions.
+Outer: ``GroupKFold(n_folds)`` on ``patient_id`` (unit-weighted balancing, deterministic), so every
+unit is ``test`` in exactly one fold and no patient is in two partitions. Fewer patients than folds
+is an InputError (``morphomol check-config`` reports it before any job): folds are never grouped by
+anything finer than the patient.
 
-Fallback: with fewer patients than folds (the 3-patient demo with 4 folds) patient
-grouping is impossible; the outer folds are then grouped by ``sample_id`` (logged as a
-warning). A sample never spans two partitions, but one patient's different samples can
-then sit in train and test of the same fold — the only possible choice with those inputs.
-Fewer samples than folds is an InputError.
+Inner: ``val_fraction`` of the fold's training *patients* (at least one, and at least one left for
+fitting) chosen with ``seed + fold``; grouped by patient when the training part has >= 2 patients,
+else by sample. The same assertions run in code on every fold.
 
-Inner: ``val_fraction`` of the fold's training *patients* (at least one, and at least one
-left for fitting) chosen with ``seed + fold``; grouped by patient when the training part
-has >= 2 patients, else by sample. The same assertions run in code on every fold.
+Units come from the samples' unit tables (``units.h5ad``: obs index = unit ids, column ``index`` =
+row in the sample's stores).
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from morphomol.config.sections import SplitsConfig
 from morphomol.util.atomic import atomic_path
 from morphomol.errors import InputError
 from morphomol.util.logs import get_logger
@@ -65,16 +65,10 @@ def make_splits(tiles: pd.DataFrame, n_folds: int = 4, val_fraction: float = 0.2
         s = per_sample.index[per_sample > 1][0]
         raise InputError(f"sample {s} has tiles from several patients", field="patient_id")
     n_pat = t["patient_id"].nunique()
-    n_smp = t["sample_id"].nunique()
-    if n_pat >= n_folds:
-        key = "patient_id"
-    elif n_smp >= n_folds:
-        key = "sample_id"
-        log.warning("only %d patients for %d folds: outer folds grouped by sample_id (%d samples) instead; a "
-                    "patient's samples may be split between train and test, no sample is", n_pat, n_folds, n_smp)
-    else:
-        raise InputError(f"{n_pat} patients and {n_smp} samples cannot make {n_folds} grouped folds",
-                         field="splits.n_folds", expected=f"at most {max(n_pat, n_smp)} folds")
+    if n_pat < n_folds:
+        raise InputError(f"{n_pat} patient(s) cannot make {n_folds} patient-grouped folds", field="splits.n_folds",
+                         expected=f"at most {n_pat} folds")
+    key = "patient_id"
     test_fold = _group_kfold(t[key].to_numpy(), n_folds)
     out = []
     for k in range(n_folds):
@@ -130,30 +124,35 @@ def check_folds(folds: Sequence[pd.DataFrame]) -> None:
         raise AssertionError(f"tile {ids[np.flatnonzero(n_test != 1)[0]]} is test in {n_test[n_test != 1][0]} folds")
 
 
-def collect_tiles(tiles_paths: Sequence[str | Path], sample_ids: Sequence[str], patient_ids: Sequence[str]
-                  ) -> pd.DataFrame:
+def collect_units(units: Sequence[str | Path], sample_ids: Sequence[str], patient_ids: Sequence[str]) -> pd.DataFrame:
+    """``tile_id, sample_id, patient_id, index`` of every unit of the given unit tables (in order)."""
+    import anndata as ad
+
     parts = []
-    for path, s, p in zip(tiles_paths, sample_ids, patient_ids, strict=True):
-        df = pd.read_parquet(path, columns=["tile_id", "index"])
+    for path, s, p in zip(units, sample_ids, patient_ids, strict=True):
+        a = ad.read_h5ad(path, backed="r")
+        try:
+            obs = a.obs
+            index = obs["index"].to_numpy(np.int64) if "index" in obs.columns else np.arange(len(obs), dtype=np.int64)
+            df = pd.DataFrame({"tile_id": obs.index.astype(str).to_numpy(), "index": index})
+        finally:
+            a.file.close()
         df.insert(1, "sample_id", str(s))
         df.insert(2, "patient_id", str(p))
         parts.append(df)
     return pd.concat(parts, ignore_index=True)
 
 
-def splits_cohort(*, tiles: Sequence[str | Path], samples: Sequence[str], patients: Sequence[str],
-                  out: Sequence[str | Path], n_folds: int = 4, val_fraction: float = 0.25, seed: int = 0,
-                  folds: Sequence[int] | None = None, **_: object) -> None:
-    """Rule entry: write ``out[i]`` = splits/fold{folds[i]}.parquet (all folds are computed
-    every time — cheap and deterministic — so one job per fold gives identical folds)."""
-    folds = list(range(n_folds)) if folds is None else [int(k) for k in folds]
-    if len(out) != len(folds) or any(not 0 <= k < n_folds for k in folds):
-        raise InputError(f"outputs {list(map(str, out))} do not match folds {folds} of n_folds={n_folds}",
-                         field="splits.n_folds")
-    t = collect_tiles(tiles, samples, patients)
-    all_folds, key = make_splits(t, n_folds, val_fraction, seed)
-    log.info("%d tiles, %d samples, %d patients; outer folds grouped by %s", len(t), t["sample_id"].nunique(),
+def split_fold(*, units: Sequence[str | Path], samples: Sequence[str], patients: Sequence[str], fold: int,
+               out: str | Path, cfg: SplitsConfig, seed: int = 0) -> pd.DataFrame:
+    """Rule entry: write ``out`` = splits/fold{fold}.parquet. All folds are computed every time (cheap
+    and deterministic), so one job per fold gives identical folds."""
+    if not 0 <= int(fold) < cfg.n_folds:
+        raise InputError(f"fold {fold} out of range (n_folds={cfg.n_folds})", field="splits.n_folds")
+    t = collect_units(units, samples, patients)
+    all_folds, key = make_splits(t, cfg.n_folds, cfg.val_fraction, seed)
+    log.info("%d units, %d samples, %d patients; outer folds grouped by %s", len(t), t["sample_id"].nunique(),
              t["patient_id"].nunique(), key)
-    for k, path in zip(folds, out, strict=True):
-        with atomic_path(path) as tmp:
-            all_folds[k].to_parquet(tmp, index=False)
+    with atomic_path(out) as tmp:
+        all_folds[int(fold)].to_parquet(tmp, index=False)
+    return all_folds[int(fold)]

@@ -1,23 +1,9 @@
-"""Tissue detection, the tile grid, and the ``tiles.parquet`` + ``tiles.zarr`` writer.
+"""Tissue detection, tile planning, and the ``tiles.parquet`` + ``tiles.zarr`` writer.
 
-Geometry (shared with :mod:`morphomol.tokens`)
-----------------------------------------------
-All tile geometry lives in level-0 H&E pixels. A :class:`TileGrid` has an origin
-``(ox, oy)`` (the top-left of the transcript-covered area), a tile side ``size_px`` =
-``tile_px * tile_mpp / he_mpp`` and a stride ``stride_px`` (both may be fractional). Tile
-``(i, j)`` (column ``i``, row ``j``) covers the half-open box
-``[ox + i*stride, ox + i*stride + size) x [oy + j*stride, oy + j*stride + size)``.
-
-Each tile is cut into ``grid x grid`` (14 x 14) tokens; a token is a 16-px patch of the
-224-px stored image, i.e. ``size/grid`` level-0 px. Because the stride is a whole number
-``s`` of patches (``s = grid*stride/size``, 7 for the defaults), token boundaries of
-overlapping tiles coincide: every point has one *global patch* ``(P_x, P_y) =
-floor((x - ox) / patch_px), floor((y - oy) / patch_px)`` and belongs to token
-``(P_y - j*s) * grid + (P_x - i*s)`` (row-major, row = y) of every tile ``(i, j)`` with
-``i*s <= P_x < i*s + grid`` (and the same for y). Intervals are half-open everywhere: a
-point exactly on a border belongs to the tile/patch on its right/bottom. The grid is
-also cut into *cells* of ``s x s`` patches (one stride); tile ``(i, j)`` is cells
-``[i, i+k) x [j, j+k)`` with ``k = size/stride`` (2 for the defaults).
+The tile grid, the µm -> global patch mapping and the transcript locate kernel live in
+:mod:`morphomol.geometry` (shared with :mod:`morphomol.tokens`). The first streaming pass here
+counts transcripts per grid cell (one stride) with that kernel; tile statistics are sums of
+``k x k`` cells.
 """
 
 from __future__ import annotations
@@ -33,114 +19,23 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from morphomol.util.atomic import atomic_path
 from morphomol.errors import InputError
+from morphomol.geometry import (
+    Batch,
+    TileGrid,
+    check_regions,
+    locate_kernel,
+    region_matrices,
+    um_to_patch_matrices,
+)
+from morphomol.util.atomic import atomic_path
 from morphomol.util.logs import get_logger
+from morphomol.util.numba import njit_kernels, numba_module
 
 log = get_logger("tiling")
 
 #: Compression of ``tiles.zarr/images`` (see benchmarks/bench_tiling.py for the measurement).
 DEFAULT_IMAGE_CODEC = "lz4"
-
-
-# ----------------------------------------------------------------------------- geometry
-@dataclass(frozen=True)
-class TileGrid:
-    """Regular grid of overlapping square tiles in level-0 H&E pixels (see module doc)."""
-
-    origin_x: float
-    origin_y: float
-    size_px: float
-    stride_px: float
-    nx: int
-    ny: int
-    grid: int = 14
-
-    def __post_init__(self) -> None:
-        k = self.size_px / self.stride_px
-        if abs(k - round(k)) > 1e-9 or round(k) < 1:
-            raise InputError(
-                f"tile size {self.size_px:g} px is not a whole multiple of the stride {self.stride_px:g} px",
-                field="tiling.stride_px", expected="stride_px dividing tile_px (e.g. 512 / 256)",
-            )
-        s = self.grid / round(k)
-        if abs(s - round(s)) > 1e-9:
-            raise InputError(
-                f"the stride ({self.stride_px:g} px) is not a whole number of tokens "
-                f"(grid {self.grid}, tile {self.size_px:g} px)",
-                field="tiling.stride_px", expected="grid * stride / tile size to be an integer",
-            )
-
-    @classmethod
-    def covering(cls, bbox: Sequence[float], size_px: float, stride_px: float, grid: int = 14) -> TileGrid:
-        """Smallest grid with origin at ``bbox[:2]`` whose tiles cover ``bbox`` (x0, y0, x1, y1)."""
-        x0, y0, x1, y1 = (float(v) for v in bbox)
-        nx = max(1, int(math.ceil((x1 - x0 - size_px) / stride_px - 1e-9)) + 1)
-        ny = max(1, int(math.ceil((y1 - y0 - size_px) / stride_px - 1e-9)) + 1)
-        return cls(x0, y0, float(size_px), float(stride_px), nx, ny, grid)
-
-    @property
-    def k(self) -> int:
-        """Tiles per cell along one axis (= size / stride)."""
-        return int(round(self.size_px / self.stride_px))
-
-    @property
-    def s(self) -> int:
-        """Stride in patches (tokens)."""
-        return int(round(self.grid / self.k))
-
-    @property
-    def patch_px(self) -> float:
-        return self.size_px / self.grid
-
-    @property
-    def n_patch_x(self) -> int:
-        return (self.nx - 1) * self.s + self.grid
-
-    @property
-    def n_patch_y(self) -> int:
-        return (self.ny - 1) * self.s + self.grid
-
-    @property
-    def n_cell_x(self) -> int:
-        return self.nx + self.k - 1
-
-    @property
-    def n_cell_y(self) -> int:
-        return self.ny + self.k - 1
-
-    def px_to_patch(self) -> np.ndarray:
-        """3x3 affine: level-0 H&E px -> global patch coordinates (floor gives the patch)."""
-        p = self.patch_px
-        return np.array([[1.0 / p, 0.0, -self.origin_x / p], [0.0, 1.0 / p, -self.origin_y / p], [0.0, 0.0, 1.0]])
-
-    def tile_origin(self, i: np.ndarray | int, j: np.ndarray | int) -> tuple[Any, Any]:
-        return self.origin_x + np.asarray(i) * self.stride_px, self.origin_y + np.asarray(j) * self.stride_px
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"origin_x": self.origin_x, "origin_y": self.origin_y, "size_px": self.size_px,
-                "stride_px": self.stride_px, "nx": self.nx, "ny": self.ny, "grid": self.grid}
-
-
-def um_to_patch_matrices(grid: TileGrid, inverses: Sequence[np.ndarray | None]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-region composed affine µm -> global patch coordinates, shape (R, 2, 3) float64.
-
-    ``inverses[r]`` maps Xenium µm -> level-0 H&E px for region r (None: no transform).
-    Returns (matrices, has_transform). Regions without a transform get NaN rows.
-    """
-    P = grid.px_to_patch()
-    R = max(1, len(inverses))
-    out = np.full((R, 2, 3), np.nan)
-    has = np.zeros(R, dtype=bool)
-    for r, inv in enumerate(inverses):
-        if inv is None:
-            continue
-        m = np.asarray(inv, dtype=np.float64)
-        if m.shape != (3, 3) or not np.all(np.isfinite(m)):
-            continue
-        out[r] = (P @ m)[:2]
-        has[r] = True
-    return out, has
 
 
 # ----------------------------------------------------------------------------- tissue
@@ -213,77 +108,38 @@ def tile_tissue_fraction(mask: np.ndarray, grid: TileGrid, scale: float) -> np.n
 
 
 # ----------------------------------------------------------------------------- streaming count
-def _numba():
-    import numba
+def _build_count() -> Any:
+    nb = numba_module()
+    locate = locate_kernel()
 
-    return numba
+    @nb.njit(cache=True, nogil=True)
+    def count_cells(x, y, reg, codes, lut, M, npx, npy, s, cell_count, cell_region, cell_gene):  # pragma: no cover
+        n = x.shape[0]
+        dropped = 0
+        for t in range(n):
+            r = reg[t]
+            if r < 0:
+                continue
+            g = lut[codes[t]]
+            if g < 0:
+                continue
+            px, py = locate(M, r, x[t], y[t], npx, npy)
+            if px < 0:
+                dropped += 1
+                continue
+            cx = px // s
+            cy = py // s
+            cell_count[cy, cx] += 1
+            cell_region[cy, cx, r] += 1
+            cell_gene[cy, cx, g] = 1
+        return dropped
 
-
-_KERNELS: dict[str, Any] = {}
-
-
-def _count_kernel():
-    if "count" not in _KERNELS:
-        nb = _numba()
-
-        @nb.njit(cache=True, nogil=True)
-        def count_cells(x, y, reg, codes, lut, M, npx, npy, s, cell_count, cell_region, cell_gene):
-            n = x.shape[0]
-            dropped = 0
-            for t in range(n):
-                r = reg[t]
-                if r < 0:
-                    continue
-                g = lut[codes[t]]
-                if g < 0:
-                    continue
-                xf = np.float64(x[t])
-                yf = np.float64(y[t])
-                fx = M[r, 0, 0] * xf + M[r, 0, 1] * yf + M[r, 0, 2]
-                fy = M[r, 1, 0] * xf + M[r, 1, 1] * yf + M[r, 1, 2]
-                if not (fx >= 0.0 and fx < npx and fy >= 0.0 and fy < npy):
-                    dropped += 1
-                    continue
-                cx = np.int64(fx) // s
-                cy = np.int64(fy) // s
-                cell_count[cy, cx] += 1
-                cell_region[cy, cx, r] += 1
-                cell_gene[cy, cx, g] = 1
-            return dropped
-
-        _KERNELS["count"] = count_cells
-    return _KERNELS["count"]
+    return count_cells
 
 
-@dataclass
-class Batch:
-    """Plain transcript batch used by the core functions (no reader objects)."""
-
-    x: np.ndarray  # float32 µm
-    y: np.ndarray  # float32 µm
-    region: np.ndarray  # int32 region index (-1 = dropped)
-    codes: np.ndarray  # int32 gene codes into the batch's own names
-    lut: np.ndarray  # int32 code -> sample gene index (-1 = skip)
-
-
-def check_regions(region: np.ndarray, has_transform: np.ndarray, sample: str) -> None:
-    """InputError if transcripts fall into a region without a transform (or an unknown region)."""
-    R = len(has_transform)
-    if region.size == 0:
-        return
-    rmax = int(region.max())
-    if rmax >= R:
-        n = int((region >= R).sum())
-        raise InputError(f"sample {sample}: {n} transcripts assigned to region {rmax}, but the registration "
-                         f"has only {R} region(s)", field="regions", expected="a transform for every region")
-    if not has_transform.all():
-        cnt = np.bincount(region[region >= 0], minlength=R)
-        bad = np.flatnonzero((cnt > 0) & ~has_transform)
-        if bad.size:
-            r = int(bad[0])
-            raise InputError(f"sample {sample}: {int(cnt[r])} transcripts fall in region {r}, which has no "
-                             f"transform (matrix/inverse missing or not finite)", field=f"regions[{r}].inverse",
-                             expected="a finite 3x3 affine for every region that receives transcripts")
+def _count_kernel() -> Any:
+    """The jitted first-pass kernel (transcripts per grid cell, per region, gene presence)."""
+    return njit_kernels("tiling.count", _build_count)
 
 
 @dataclass
@@ -557,19 +413,6 @@ def sample_genes(bundle: Any) -> list[str]:
     return sorted(genes)
 
 
-def region_matrices(reg: Any) -> tuple[list[np.ndarray | None], list[np.ndarray | None]]:
-    """(inverse µm->px, matrix px->µm) per region of a Registration (None where missing)."""
-    inv, fwd = [], []
-    for r in reg.regions:
-        m = getattr(r, "matrix", None)
-        i = getattr(r, "inverse", None)
-        fwd.append(None if m is None else np.asarray(m, float))
-        if i is None and m is not None:
-            i = np.linalg.inv(np.asarray(m, float))
-        inv.append(None if i is None else np.asarray(i, float))
-    return inv, fwd
-
-
 def tile_sample(
     *, he_path: str | Path, registration: str | Path, xenium_dir: str | Path, out_table: str | Path,
     out_store: str | Path, out_qc: str | Path | None = None, sample: str | None = None, he_mpp: float | None = None,
@@ -643,12 +486,6 @@ def tile_sample(
     qc_png(qc, thumb, mask, table, tg, scale)
     slide.close()
     return table
-
-
-def grid_from_attrs(attrs: dict[str, Any]) -> TileGrid:
-    g = attrs["grid"]
-    return TileGrid(float(g["origin_x"]), float(g["origin_y"]), float(g["size_px"]), float(g["stride_px"]),
-                    int(g["nx"]), int(g["ny"]), int(g["grid"]))
 
 
 def write_pyramidal_tiff(path: str | Path, rgb: np.ndarray, mpp: float, n_levels: int = 3, tile: int = 256,

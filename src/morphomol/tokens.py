@@ -1,9 +1,10 @@
 """Transcript -> tile -> token pooling (streaming), tokens.zarr, counts.h5ad, targets.parquet.
 
-Mapping (see :mod:`morphomol.tiling` for the geometry): a transcript at Xenium µm
+Mapping (see :mod:`morphomol.geometry` for the geometry): a transcript at Xenium µm
 ``(x, y)`` assigned to region ``r`` goes through the region's inverse affine (µm -> level-0
 H&E px) composed with the grid's px -> patch affine into global patch coordinates
-``(fx, fy)``; its global patch is ``(floor(fx), floor(fy))`` (half-open intervals). Tokens
+``(fx, fy)``; its global patch is ``(floor(fx), floor(fy))`` (half-open intervals), computed by
+the shared kernel :func:`morphomol.geometry.locate_kernel`. Tokens
 of overlapping tiles coincide with global patches, so counts are accumulated once per
 (global patch, gene) and each kept tile's 196 tokens are read off that table — a
 transcript therefore counts in every tile that contains it, exactly once per tile.
@@ -28,21 +29,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from morphomol.util.atomic import atomic_path
 from morphomol.errors import InputError
+from morphomol.geometry import Batch, TileGrid, locate_kernel
+from morphomol.util.atomic import atomic_path
 from morphomol.util.logs import get_logger
-from morphomol.tiling import Batch, TileGrid
+from morphomol.util.numba import njit_kernels, numba_module
 
 log = get_logger("tokens")
 
 TOKEN_CHUNK = 1 << 17  # entries per chunk of tokens.zarr token/gene/count (~20 tiles of 6k entries)
-_K: dict[str, Any] = {}
 
 
-def _kernels() -> dict[str, Any]:
-    if _K:
-        return _K
-    import numba as nb
+def _build_kernels() -> dict[str, Any]:
+    nb = numba_module()
+    locate = locate_kernel()
 
     @nb.njit(cache=True, nogil=True)
     def bin_batch(x, y, reg, codes, lut, M, npx, npy, patch_map, buf_p, buf_g, nbuf):
@@ -54,13 +54,10 @@ def _kernels() -> dict[str, Any]:
             g = lut[codes[t]]
             if g < 0:
                 continue
-            xf = np.float64(x[t])
-            yf = np.float64(y[t])
-            fx = M[r, 0, 0] * xf + M[r, 0, 1] * yf + M[r, 0, 2]
-            fy = M[r, 1, 0] * xf + M[r, 1, 1] * yf + M[r, 1, 2]
-            if not (fx >= 0.0 and fx < npx and fy >= 0.0 and fy < npy):
+            px, py = locate(M, r, x[t], y[t], npx, npy)
+            if px < 0:
                 continue
-            pid = patch_map[np.int64(fy), np.int64(fx)]
+            pid = patch_map[py, px]
             if pid < 0:
                 continue
             buf_p[nbuf] = pid
@@ -174,8 +171,13 @@ def _kernels() -> dict[str, Any]:
                         w += 1
         return w
 
-    _K.update(bin_batch=bin_batch, flush=flush, sort_within=sort_within, tile_nnz=tile_nnz, fill_tiles=fill_tiles)
-    return _K
+    return {"bin_batch": bin_batch, "flush": flush, "sort_within": sort_within, "tile_nnz": tile_nnz,
+            "fill_tiles": fill_tiles}
+
+
+def _kernels() -> dict[str, Any]:
+    """The jitted pooling kernels (compiled once per process, cached on disk)."""
+    return njit_kernels("tokens", _build_kernels)
 
 
 # ----------------------------------------------------------------------------- pooling core
@@ -255,7 +257,7 @@ def pool_patches(batches: Iterable[Batch], grid: TileGrid, tile_i: np.ndarray, t
                  n_genes: int, *, buffer_size: int = 1 << 23, check: Any = None) -> tuple[PatchCounts, np.ndarray]:
     """Second streaming pass: (patch, gene) counts for all patches of the kept tiles.
 
-    ``M`` (R, 2, 3): per-region µm -> global patch affine (:func:`morphomol.tiling.um_to_patch_matrices`).
+    ``M`` (R, 2, 3): per-region µm -> global patch affine (:func:`morphomol.geometry.um_to_patch_matrices`).
     Returns (PatchCounts, patch_map)."""
     pm, npatch = kept_patch_map(grid, tile_i, tile_j)
     acc = PatchAccumulator(grid, pm, npatch, n_genes, M, buffer_size)
@@ -409,7 +411,8 @@ def tokens_sample(
 
     from morphomol.io.xenium import XeniumBundle
     from morphomol.registration import Registration
-    from morphomol.tiling import check_regions, grid_from_attrs, region_matrices, sample_batches, um_to_patch_matrices
+    from morphomol.geometry import check_regions, grid_from_attrs, region_matrices, um_to_patch_matrices
+    from morphomol.tiling import sample_batches
 
     t0 = time.perf_counter()
     table = pd.read_parquet(tiles)

@@ -1,32 +1,38 @@
-# Shared by every stage: configuration loading, validation and path helpers.
-import os
+# Shared by every rule file: the typed configuration, the results paths, wildcard constraints and
+# the input functions every stage uses. Building the DAG imports no torch (config, settings and the
+# encoder registry are torch-free).
+import re
+import sys
 from pathlib import Path
 
-from snakemake.utils import min_version, validate
-
-from morphomol.config import load_cohorts, load_settings, setting_status
 from snakemake.exceptions import WorkflowError
-
-from morphomol.errors import MorphomolError
+from snakemake.utils import min_version
 
 min_version("9.0")
+
+sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
+from paths import WorkflowPaths  # noqa: E402  (workflow/paths.py: every results path, once)
+
+from morphomol.config import load_config  # noqa: E402
+from morphomol.config.sections import to_plain  # noqa: E402
+from morphomol.errors import MorphomolError  # noqa: E402
+from morphomol.io.xenium import bundle_files  # noqa: E402
 
 
 configfile: "config/config.yaml"
 
 
-# Schema validation (fills defaults); the library repeats it per cohort with file/row/field errors.
-validate(config, "../schemas/config.schema.yaml")
-
+_CONFIG_FILE = (list(workflow.overwrite_configfiles) or ["config/config.yaml"])[-1]
 try:
-    _COHORT_OBJS = load_cohorts(config, Path(workflow.basedir) / "workflow" / "schemas", workdir=Path.cwd())
-    SETTINGS = load_settings(config["experiments"]["settings_file"])
+    PIPELINE = load_config(config, config_file=_CONFIG_FILE, workdir=Path.cwd())
 except MorphomolError as _exc:
     raise WorkflowError(f"invalid configuration: {_exc.message}")
 
-COHORTS = {name: c.as_dict() for name, c in _COHORT_OBJS.items()}
-SAMPLE_DIR = "results/{cohort}/samples/{sample}"
-NAME = "[A-Za-z0-9_.-]+"
+COHORTS = PIPELINE.cohorts
+P = WorkflowPaths()
+NAME = r"[A-Za-z0-9_-][A-Za-z0-9_.-]*"  # no '.', '..' or hidden names
+#: study name -> function(cohort) -> final outputs of the study for that cohort (registered by each study's rules)
+STUDY_TARGETS = {}
 
 
 wildcard_constraints:
@@ -37,82 +43,99 @@ wildcard_constraints:
     fold=r"\d+",
 
 
-def ccfg(w, section):
-    """Merged config section for the cohort named by wildcards ``w`` (or a cohort name)."""
-    name = w if isinstance(w, str) else w.cohort
-    return COHORTS[name].get(section, {})
+def cohort_of(w):
+    """The Cohort of wildcards ``w`` (or of a cohort name)."""
+    return COHORTS[w if isinstance(w, str) else w.cohort]
 
 
-def _clean(value):
-    if value is None:
-        return None
-    try:
-        import math
-
-        if isinstance(value, float) and math.isnan(value):
-            return None
-    except TypeError:
-        pass
-    return None if value == "" else value
+def cfg_of(w):
+    """Typed config sections (morphomol.config.Sections) of the cohort of ``w``."""
+    return cohort_of(w).cfg
 
 
-def sample_field(name):
-    """Input/params function returning one sample-sheet field for wildcards (cohort, sample)."""
+def samples_of(cohort):
+    return cohort_of(cohort).sample_ids
+
+
+def folds_of(cohort):
+    return list(range(cfg_of(cohort).splits.n_folds))
+
+
+def kind_cohorts(kind):
+    """Regex matching exactly the cohorts of one kind (wildcard constraint of that kind's rules)."""
+    names = sorted(re.escape(c) for c, co in COHORTS.items() if co.kind.name == kind)
+    return "|".join(names) if names else "(?!)"
+
+
+def study_cohorts(study):
+    return [c for c, co in COHORTS.items() if study in co.studies]
+
+
+def study_cohort_regex(study):
+    names = sorted(re.escape(c) for c in study_cohorts(study))
+    return "|".join(names) if names else "(?!)"
+
+
+def sample_field(column):
+    """Input / params function: one sample-sheet cell (None when empty) for wildcards (cohort, sample)."""
 
     def get(w):
-        return _clean(COHORTS[w.cohort]["samples"].loc[w.sample, name])
+        return cohort_of(w).field(w.sample, column)
 
     return get
 
 
-def samples_of(cohort):
-    return list(COHORTS[cohort]["samples"].index)
+def section(name):
+    """Params function: one config section of the cohort as plain data (dicts, lists, numbers), so that
+    Snakemake reruns the job when a value changes; the script rebuilds the typed section
+    (``morphomol.config.typed``)."""
+
+    def get(w):
+        return to_plain(getattr(cfg_of(w), name))
+
+    return get
 
 
-def folds_of(cohort):
-    return list(range(int(ccfg(cohort, "splits").get("n_folds", 4))))
+def resource(name):
+    """Resource function: an integer of the cohort's `resources` config section."""
+
+    def get(w):
+        return int(getattr(cfg_of(w).resources, name))
+
+    return get
 
 
-def setting_reason(cohort, setting):
-    """None if ``setting`` can run for ``cohort``; otherwise why not (e.g. missing weights)."""
-    return setting_status(SETTINGS[setting], ccfg(cohort, "encoders"))
+# ------------------------------------------------------------------ xenium bundles
+#: files a simulated bundle holds (workflow/rules/simulate.smk writes them)
+SIMULATED_XENIUM = {
+    "experiment": "xenium/experiment.xenium",
+    "transcripts": "xenium/transcripts.parquet",
+    "morphology": "xenium/morphology_focus.ome.tif",
+}
 
 
-def runnable_settings(cohort, kind=None):
-    out = []
-    for name, s in SETTINGS.items():
-        if setting_reason(cohort, name) is not None:
-            continue
-        if kind is not None and s.get("kind", "regression") != kind:
-            continue
-        out.append(name)
-    return out
+def xenium_dir(w):
+    return cohort_of(w).field(w.sample, "xenium_dir")
 
 
-def runnable_runs(cohort):
-    """Run directories results/{cohort}/runs/{setting}/fold{k} of every runnable setting."""
-    return [f"results/{cohort}/runs/{s}/fold{k}" for s in runnable_settings(cohort) for k in folds_of(cohort)]
+def xenium_inputs(*names):
+    """Input function: the files of the sample's Xenium bundle that a rule reads (experiment.xenium,
+    the transcript table, the morphology image), so that a rewritten file reruns its dependants."""
 
+    def get(w):
+        c = cohort_of(w)
+        if c.simulate is not None:
+            return {n: P.simulated(SIMULATED_XENIUM[n], w.cohort, w.sample) for n in names}
+        found = bundle_files(Path(xenium_dir(w)), morphology="morphology" in names)
+        return {n: str(found[n]) for n in names if n in found}
 
-def feature_encoders(cohort):
-    """Encoders whose cached features are extracted (configured and with weights when they need them)."""
-    from morphomol.encoders import get_spec
-
-    out = []
-    enc_cfg = ccfg(cohort, "encoders")
-    for name in ccfg(cohort, "features").get("encoders", []):
-        spec = get_spec(name)
-        if spec.requires_weights and not (enc_cfg.get(name) or {}).get("weights"):
-            continue
-        out.append(name)
-    return out
+    return get
 
 
 def all_targets():
-    """Default target: every sample's stores and every cohort's tables and report inputs."""
+    """Default target: every study's outputs for every cohort that runs it."""
     out = []
-    for c in COHORTS:
-        for s in samples_of(c):
-            d = f"results/{c}/samples/{s}"
-            out += [f"{d}/qc", f"{d}/registration.json", f"{d}/tiles.parquet", f"{d}/tokens.zarr"]
-    return out + tables_targets()
+    for c, co in COHORTS.items():
+        for s in co.studies:
+            out += STUDY_TARGETS[s](c)
+    return out

@@ -1,61 +1,48 @@
-# Frozen-encoder feature cache and the HEST-style ridge baseline.
+# Frozen-encoder feature cache, shared by every study: one job per (cohort, encoder, sample) writes
+# results/{cohort}/features/{encoder}/{sample}.zarr, rows = the sample's units.
 #
-#   features: results/{cohort}/features/{encoder}/{sample}.zarr   (one GPU job per sample x encoder)
-#   ridge:    results/{cohort}/runs/ridge_{encoder}/fold{fold}/{metrics.json,predictions.parquet}
-#
-# Image encoders read the sample's tiles.zarr; expression encoders (Geneformer) read its
-# tokens.zarr (tile_counts). Weights come from `encoders: {name: {weights: path}}`; the weights
-# file (or HF directory) is an input, so changing it reruns the job. Encoders without configured
-# weights run only if the registry allows random init (vit_s).
+# Image encoders read the sample's image store (tiles.zarr); expression encoders (Geneformer) its
+# token store's tile_counts. Weights come from `encoders: {name: {weights: path}}`; the weights file
+# (or HF directory) is an input, so changing it reruns the job. Encoders without configured weights
+# run only if the registry allows random init (vit_s).
 
 
-include: "functions/features.smk"
+def feature_encoders(cohort):
+    """Encoders whose cached features are extracted (configured, and with weights when they need them)."""
+    from morphomol.encoders.registry import get_spec
+
+    c = cfg_of(cohort)
+    return [e for e in c.features.encoders if not (get_spec(e).requires_weights and not c.weights(e))]
+
+
+def _features_inputs(w):
+    from morphomol.encoders.registry import get_spec
+
+    expression = get_spec(w.encoder).kind == "expression"
+    inputs = {"store": P.tokens(w.cohort, w.sample) if expression else P.tile_store(w.cohort, w.sample)}
+    weights = cfg_of(w).weights(w.encoder)
+    if weights:
+        inputs["weights"] = weights
+    return inputs
 
 
 rule features:
-    conda:
-        "../../envs/morphomol.yaml"
     input:
         unpack(_features_inputs),
     output:
-        store=directory("results/{cohort}/features/{encoder}/{sample}.zarr"),
+        store=directory(P.features()),
     params:
-        cfg=lambda w: ccfg(w, "features"),
-        encoders=lambda w: ccfg(w, "encoders"),
-        model=lambda w: ccfg(w, "model"),
+        encoder=lambda w: to_plain(cfg_of(w).encoder(w.encoder)),
+        features=section("features"),
+        vit=lambda w: to_plain(cfg_of(w).model.vit),
     log:
-        "results/{cohort}/logs/features/{encoder}/{sample}.log",
+        P.log("features", "{encoder}", "{sample}"),
     threads: 4
     resources:
         gpu=1,
-        mem_mb=lambda w: int((ccfg(w, "resources") or {}).get("gpu_mem_mb", 32000)),
+        mem_mb=resource("gpu_mem_mb"),
         runtime=120,
-    script:
-        "../../scripts/features.py"
-
-
-rule ridge:
     conda:
         "../../envs/morphomol.yaml"
-    input:
-        split="results/{cohort}/splits/fold{fold}.parquet",
-        panel="results/{cohort}/panels/fold{fold}.json",
-        features=lambda w: [f"results/{w.cohort}/features/{w.encoder}/{s}.zarr" for s in _cohort_samples(w)],
-        tokens=lambda w: [f"{SAMPLE_DIR.format(cohort=w.cohort, sample=s)}/tokens.zarr" for s in _cohort_samples(w)],
-    output:
-        metrics="results/{cohort}/runs/ridge_{encoder}/fold{fold}/metrics.json",
-        predictions="results/{cohort}/runs/ridge_{encoder}/fold{fold}/predictions.parquet",
-    params:
-        cfg=lambda w: COHORTS[w.cohort].get("ridge") or {},
-        samples=_cohort_samples,
-        seed=lambda w: COHORTS[w.cohort].get("seed", config.get("seed", 0)),
-    wildcard_constraints:
-        fold=r"\d+",
-    log:
-        "results/{cohort}/logs/ridge/{encoder}/fold{fold}.log",
-    threads: 2
-    resources:
-        mem_mb=lambda w: int((ccfg(w, "resources") or {}).get("cpu_mem_mb", 4000)),
-        runtime=60,
     script:
-        "../../scripts/ridge.py"
+        "../../scripts/features.py"

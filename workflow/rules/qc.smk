@@ -1,29 +1,28 @@
 # Per-sample ingest / QC: stream the Xenium transcripts once, open the H&E, write qc/.
-# Fails (InputError in the log, non-zero exit, no output) when a core/add-on panel gene is
-# absent from the sample's transcripts; in hvg panel mode no genes are checked.
-
-
-include: "functions/qc.smk"
+# Fails (InputError in the log, non-zero exit, no output) when a core/add-on panel gene is absent
+# from the sample's transcripts; in hvg panel mode no genes are checked.
 
 
 rule qc:
-    conda:
-        "../../envs/morphomol.yaml"
     input:
-        xenium=sample_field("xenium_dir"),
+        unpack(xenium_inputs("experiment", "transcripts")),
         he=sample_field("he_path"),
     output:
-        directory(f"{SAMPLE_DIR}/qc"),
+        directory(P.qc()),
+    wildcard_constraints:
+        cohort=kind_cohorts("xenium"),
     params:
-        qv_min=lambda w: ccfg(w, "io").get("qv_min", 20.0),
-        batch_size=lambda w: int(ccfg(w, "io").get("batch_size", 2000000)),
-        he_mpp=_qc_he_mpp,
-        panel_genes=_qc_panel_genes,
+        xenium_dir=xenium_dir,
+        he_mpp=sample_field("he_mpp"),
+        io=section("io"),
+        panel_genes=lambda w: [] if cohort_of(w).panel.mode == "hvg" else [*cohort_of(w).panel.core, *cohort_of(w).panel.addon],
     log:
-        "results/{cohort}/logs/qc/{sample}.log",
+        P.log("qc"),
     threads: 1
     resources:
         mem_mb=4000,
         runtime=60,
+    conda:
+        "../../envs/morphomol.yaml"
     script:
         "../../scripts/qc.py"

@@ -1,37 +1,37 @@
-# Per sample: tissue detection + tile grid over the transcript-covered area, transcript
-# counts per tile (first streaming pass), filtering, tiles.parquet + tiles.zarr + QC PNG.
-
-
-include: "functions/tile.smk"
+# Per-sample tissue detection and tiling: tiles.parquet (geometry, transcript counts) and the
+# image store tiles.zarr (512 px @ 0.5 µm/px tiles resized to 224 px, chunked for the loader).
 
 
 rule tile:
-    conda:
-        "../../envs/morphomol.yaml"
     input:
-        registration=f"{SAMPLE_DIR}/registration.json",
+        unpack(xenium_inputs("experiment", "transcripts")),
+        registration=P.registration(),
         he=sample_field("he_path"),
-        xenium=sample_field("xenium_dir"),
     output:
-        tiles=f"{SAMPLE_DIR}/tiles.parquet",
-        store=directory(f"{SAMPLE_DIR}/tiles.zarr"),
+        tiles=P.tiles(),
+        store=directory(P.tile_store()),
         qc=report(
-            f"{SAMPLE_DIR}/tiles_qc.png",
+            P.tiles_qc(),
             caption="../report/tiles_qc.rst",
             category="{cohort}",
             subcategory="Tiling QC",
             labels={"sample": "{sample}"},
         ),
+    wildcard_constraints:
+        cohort=kind_cohorts("xenium"),
     params:
-        cfg=lambda w: ccfg(w, "tiling"),
-        grid=lambda w: int(ccfg(w, "tokens").get("grid", 14)),
-        io=lambda w: ccfg(w, "io"),
-        he_mpp=_tile_he_mpp,
+        xenium_dir=xenium_dir,
+        he_mpp=sample_field("he_mpp"),
+        tiling=section("tiling"),
+        grid=lambda w: cfg_of(w).tokens.grid,
+        io=section("io"),
     log:
-        "results/{cohort}/logs/tile/{sample}.log",
+        P.log("tile"),
     threads: 1
     resources:
         mem_mb=4000,
         runtime=120,
+    conda:
+        "../../envs/morphomol.yaml"
     script:
         "../../scripts/tile.py"

@@ -1,28 +1,32 @@
-# Per sample: pool transcripts onto the 14x14 token grid of every kept tile (second
-# streaming pass): tokens.zarr (all non-control genes), counts.h5ad, targets.parquet.
+# Per sample: pool transcripts onto the 14x14 token grid of every kept tile (second streaming pass):
+# tokens.zarr (all non-control genes, the loader's store) and the unit table units.h5ad (tiles x
+# genes counts, obsm['spatial'] in µm: the per-sample contract every study shares).
 
 
 rule tokens:
-    conda:
-        "../../envs/morphomol.yaml"
     input:
-        tiles=f"{SAMPLE_DIR}/tiles.parquet",
-        store=f"{SAMPLE_DIR}/tiles.zarr",
-        registration=f"{SAMPLE_DIR}/registration.json",
-        xenium=sample_field("xenium_dir"),
+        unpack(xenium_inputs("experiment", "transcripts")),
+        tiles=P.tiles(),
+        store=P.tile_store(),
+        registration=P.registration(),
     output:
-        tokens=directory(f"{SAMPLE_DIR}/tokens.zarr"),
-        counts=f"{SAMPLE_DIR}/counts.h5ad",
-        targets=f"{SAMPLE_DIR}/targets.parquet",
+        tokens=directory(P.tokens()),
+        units=P.units(),
+    wildcard_constraints:
+        cohort=kind_cohorts("xenium"),
     params:
-        io=lambda w: ccfg(w, "io"),
-        tiling=lambda w: ccfg(w, "tiling"),
-        panel=lambda w: COHORTS[w.cohort]["panel"],
+        xenium_dir=xenium_dir,
+        patient_id=sample_field("patient_id"),
+        io=section("io"),
+        chunk_tiles=lambda w: cfg_of(w).tiling.chunk_tiles,
+        panel=lambda w: cohort_of(w).panel.to_dict(),
     log:
-        "results/{cohort}/logs/tokens/{sample}.log",
+        P.log("tokens"),
     threads: 1
     resources:
         mem_mb=4000,
         runtime=120,
+    conda:
+        "../../envs/morphomol.yaml"
     script:
         "../../scripts/tokens.py"

@@ -17,7 +17,7 @@ from morphomol.config.cohorts import (
     read_panel,
     read_sample_sheet,
 )
-from morphomol.config.kinds import CohortKind, get_kind, register_kind
+from morphomol.config.kinds import CohortKind, get_kind, kinds, register_kind
 from morphomol.config.schema import SCHEMA_DIR, deep_merge, read_yaml, validate
 from morphomol.config.sections import (
     SECTIONS,
@@ -38,12 +38,14 @@ from morphomol.config.sections import (
     TrainingConfig,
     ViTConfig,
     build_sections,
+    to_plain,
 )
+from morphomol.config.sections import build as typed
 
 __all__ = [
     "Cohort", "CohortKind", "EncoderConfig", "ExperimentsConfig", "FeaturesConfig", "IOConfig", "ModelConfig",
     "Panel", "PanelsConfig", "PipelineConfig", "RegistrationConfig", "ResourcesConfig", "RidgeConfig", "SCHEMA_DIR",
     "SECTIONS", "Sections", "SplitsConfig", "TablesConfig", "TilingConfig", "TokensConfig", "TrainingConfig",
-    "ViTConfig", "build_sections", "deep_merge", "default_sections", "get_kind", "load_config", "read_panel",
-    "read_sample_sheet", "read_yaml", "register_kind", "validate",
+    "ViTConfig", "build_sections", "deep_merge", "default_sections", "get_kind", "kinds", "load_config", "read_panel",
+    "read_sample_sheet", "read_yaml", "register_kind", "to_plain", "typed", "validate",
 ]

@@ -122,7 +122,7 @@ class TrainingConfig:
     grad_clip: float
     patience: int
     num_workers: int
-    clip_batch_size: int
+    clip_batch_size: int | None  # None in the config of runs that do not use it (non-CLIP training jobs)
     buffer_chunks: int
     compile: bool
 

@@ -45,8 +45,10 @@ sha256_file = sha256_path
 
 
 def digest(obj: Any, length: int = 16) -> str:
-    """Short hex sha256 of ``json.dumps(obj, sort_keys=True, default=str)``."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
+    """Short hex sha256 of the canonical JSON of ``obj`` (dataclasses as dicts, keys sorted)."""
+    from morphomol.util.jsonio import json_safe
+
+    return hashlib.sha256(json.dumps(json_safe(obj), sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
 def ids_digest(ids: Iterable[Any], length: int = 16) -> str:

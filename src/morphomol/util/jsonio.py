@@ -3,6 +3,7 @@ anything else -> ``str``) and atomic writes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Mapping
@@ -37,6 +38,8 @@ def json_safe(obj: Any) -> Any:
         return [json_safe(v) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: json_safe(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     to_dict = getattr(obj, "to_dict", None)
     if callable(to_dict):
         return json_safe(to_dict())

@@ -1,5 +1,0 @@
-# Snakemake adapter for rule `train / train_cpu` (workflow/rules/train.smk): no logic here.
-from morphomol import training
-from morphomol.smk import run
-
-run(training.run_rule)

@@ -1,0 +1,1 @@
+"""Baselines shared by studies: :mod:`.ridge` (HEST-style ridge probe on frozen features)."""

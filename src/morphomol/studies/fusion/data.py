@@ -1,0 +1,194 @@
+"""A fold of the fusion study as batch sources over the declared stores (explicit paths only).
+
+:class:`FoldInputs` is exactly what the train rules declare: the fold's split and panel, the tile
+image store and token store of every sample, the cached features of the setting's frozen encoders.
+:func:`fold_from_stores` turns them into :class:`FoldData` (fit / val / test sources + genes);
+:func:`attach_features` adds cached frozen features (``morph_feat`` / ``expr_feat``) to the sources.
+Targets (log1p add-on counts) and core counts come from one artifact: the ``tile_counts`` of each
+sample's ``tokens.zarr``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from morphomol.data.folds import read_fold_panel, read_split
+from morphomol.data.stores import StorePaths
+from morphomol.errors import InputError
+from morphomol.studies.fusion.settings import IN_MODEL_ENCODER, ModelSetting
+from morphomol.train.runtime import autocast, to_device
+from morphomol.train.sources import BatchSource, WithFeatures
+from morphomol.util.logs import get_logger
+
+log = get_logger("fusion.data")
+
+PARTITIONS = ("fit", "val", "test")
+
+
+@dataclass(frozen=True)
+class FoldInputs:
+    """The declared inputs of one fusion run (every path explicit)."""
+
+    split: Path
+    panel: Path
+    tokens: Mapping[str, Path]                 # sample -> tokens.zarr
+    tiles: Mapping[str, Path] = field(default_factory=dict)   # sample -> tiles.zarr (settings that read images)
+    features: Mapping[str, Mapping[str, Path]] = field(default_factory=dict)  # encoder -> sample -> features zarr
+    vit_weights: Path | None = None
+
+    def stores(self) -> dict[str, StorePaths]:
+        return {s: StorePaths(Path(p), Path(self.tiles[s]) if s in self.tiles else None) for s, p in self.tokens.items()}
+
+    def artifacts(self) -> dict[str, Path]:
+        """Every declared input by name (the resume fingerprint digests these)."""
+        out: dict[str, Path] = {"split": Path(self.split), "panel": Path(self.panel)}
+        out.update({f"tokens/{s}": Path(p) for s, p in self.tokens.items()})
+        out.update({f"tiles/{s}": Path(p) for s, p in self.tiles.items()})
+        for enc, per in self.features.items():
+            out.update({f"features/{enc}/{s}": Path(p) for s, p in per.items()})
+        if self.vit_weights is not None:
+            out["vit_weights"] = Path(self.vit_weights)
+        return out
+
+
+class StoreSplit:
+    """One partition of a fold read from the tile/token stores through :mod:`morphomol.data.loader`.
+
+    Chunk-shuffled batches (``make_loader``), renamed to the trainer's contract (``tile_counts`` ->
+    ``tile``, ``targets`` -> ``target``); images / tokens are only read when a field asks for them.
+    Loaders are kept per layout (persistent workers).
+    """
+
+    def __init__(self, split: Any, panel: Mapping[str, Any], stores: Mapping[str, StorePaths], partition: str, *,
+                 buffer_chunks: int = 8) -> None:
+        self.split, self.stores, self.partition = split, dict(stores), partition
+        self.panel = {"core": list(panel["core"]), "addon": list(panel["addon"])}
+        self.buffer_chunks = int(buffer_chunks)
+        self.tile_ids = split.loc[split["partition"] == partition, "tile_id"].astype(str).tolist()
+        self._loaders: dict[tuple[Any, ...], Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.tile_ids)
+
+    def n_batches(self, batch_size: int, drop_last: bool = False) -> int:
+        n = len(self)
+        return n // batch_size if drop_last and n >= batch_size else -(-n // batch_size)
+
+    def epoch(self, epoch: int, *, batch_size: int, fields: Sequence[str], seed: int = 0, shuffle: bool = True,
+              drop_last: bool = False, skip: int = 0, num_workers: int = 0,
+              pin_memory: bool = False) -> Iterator[dict[str, Any]]:
+        from morphomol.data.loader import densify_tokens, make_loader
+
+        images, tokens = "image" in fields, "tokens" in fields
+        drop_last = drop_last and len(self) >= batch_size  # as epoch_batches: never drop the only batch
+        key = (batch_size, seed, shuffle, drop_last, images, tokens, num_workers, pin_memory)
+        if key not in self._loaders:
+            self._loaders[key] = make_loader(
+                self.split, self.panel, self.stores, self.partition, batch_size=batch_size, shuffle=shuffle,
+                seed=seed, num_workers=num_workers, buffer_chunks=self.buffer_chunks, drop_last=drop_last,
+                images=images, tokens=tokens, pin_memory=pin_memory,
+                token_format="coo")  # sparse tokens cross the worker pipe; densified here
+        loader = self._loaders[key]
+        loader.set_epoch(epoch)
+        for i, b in enumerate(loader):
+            if i < skip:  # resuming mid-epoch: these batches were consumed before the interruption
+                continue
+            out: dict[str, Any] = {"tile_id": b["tile_id"]}
+            if images:
+                out["image"] = b["image"]
+            if tokens:
+                out["tokens"] = densify_tokens(b)
+            if "tile" in fields:
+                out["tile"] = b["tile_counts"]
+            if "target" in fields:
+                out["target"] = b["targets"]
+            yield out
+
+
+@dataclass
+class FoldData:
+    """The three partitions of one fold, the fold's panel and the cached features it may use."""
+
+    fit: BatchSource
+    val: BatchSource
+    test: BatchSource
+    core_genes: list[str]
+    addon_genes: list[str]
+    #: encoder -> sample_id -> features zarr
+    feature_paths: dict[str, dict[str, Path]] = field(default_factory=dict)
+
+    def partitions(self) -> dict[str, BatchSource]:
+        return {"fit": self.fit, "val": self.val, "test": self.test}
+
+
+def fold_from_stores(inputs: FoldInputs, *, buffer_chunks: int = 8) -> FoldData:
+    """:class:`FoldData` over the declared stores of one fold."""
+    panel = read_fold_panel(inputs.panel)
+    split = read_split(inputs.split)
+    stores = inputs.stores()
+    parts = {p: StoreSplit(split, panel, stores, p, buffer_chunks=buffer_chunks) for p in PARTITIONS}
+    for p, ds in parts.items():
+        if len(ds) == 0:
+            raise InputError(f"the fold has no '{p}' tiles", file=inputs.split, field="partition",
+                             expected="fit, val and test tiles in every fold")
+    return FoldData(parts["fit"], parts["val"], parts["test"], list(panel["core"]), list(panel["addon"]),
+                    {k: {s: Path(p) for s, p in v.items()} for k, v in inputs.features.items()})
+
+
+@torch.no_grad()
+def frozen_vit_features(vit: torch.nn.Module, ds: BatchSource, batch_size: int, device: torch.device) -> np.ndarray:
+    """CLS embeddings of a frozen ViT, computed once per tile, rows in ``ds.tile_ids`` order
+    (used when no features cache is given)."""
+    vit = vit.to(device).eval()
+    out, ids = [], []
+    for batch in ds.epoch(0, batch_size=batch_size, fields=["image"], shuffle=False):
+        ids += list(batch["tile_id"])
+        batch = to_device(batch, device)
+        with autocast(device):
+            out.append(vit(batch["image"]).float().cpu())
+    feats = torch.cat(out).numpy()
+    pos = {t: i for i, t in enumerate(ids)}
+    return feats[np.array([pos[t] for t in ds.tile_ids], dtype=np.int64)]
+
+
+def attach_features(setting: ModelSetting, data: FoldData, *, vit: Any, batch_size: int, seed: int,
+                    device: torch.device) -> tuple[dict[str, BatchSource], int | None, int | None, dict[str, Any]]:
+    """Wrap the partitions with cached frozen features when the setting uses them.
+
+    Returns (sources, morph_dim, expr_dim, info). ``vit`` builds the frozen ViT-S when its features
+    must be computed here (no cache given): a callable returning the module.
+    """
+    from morphomol.data.features import feature_rows
+
+    splits: dict[str, BatchSource] = data.partitions()
+    feats: dict[str, dict[str, np.ndarray]] = {k: {} for k in splits}
+    info: dict[str, Any] = {}
+    morph_dim = expr_dim = None
+    for key, enc in (("morph_feat", setting.morph_cache), ("expr_feat", setting.expr_cache)):
+        if enc is None:
+            continue
+        if enc in data.feature_paths:
+            for k, ds in splits.items():
+                feats[k][key] = feature_rows(data.feature_paths[enc], ds.tile_ids)
+            info[enc] = "cache"
+        elif enc == IN_MODEL_ENCODER:
+            torch.manual_seed(seed)
+            model = vit()
+            for k, ds in splits.items():
+                feats[k][key] = frozen_vit_features(model, ds, batch_size, device)
+            info[enc] = "computed"
+            log.info("computed frozen %s features once per tile (%d tiles)", enc, sum(len(s) for s in splits.values()))
+        else:
+            raise InputError(f"setting '{setting.name}' needs cached '{enc}' features",
+                             field=f"features/{enc}", expected="results/{cohort}/features/" + enc + "/{sample}.zarr")
+        dim = feats["fit"][key].shape[1]
+        morph_dim, expr_dim = (dim, expr_dim) if key == "morph_feat" else (morph_dim, dim)
+    if any(feats[k] for k in feats):
+        splits = {k: WithFeatures(ds, feats[k]) for k, ds in splits.items()}
+    return splits, morph_dim, expr_dim, info

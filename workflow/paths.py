@@ -1,0 +1,105 @@
+"""Every results path of the workflow, defined once (the model is sopa's ``WorkflowPaths``).
+
+Each method returns a path *pattern* with Snakemake wildcards when called without arguments
+(``paths.tiles()`` -> ``results/{cohort}/samples/{sample}/tiles.parquet``, for rule outputs) and
+a concrete path when given values (``paths.tiles("demo", "S01")``, for input functions). Rules
+refer to each other's outputs through these methods only; library functions receive the
+resulting paths explicitly and never rebuild them.
+
+Layout::
+
+    results/{cohort}/simulated/{sample}/            simulated inputs (demo cohorts)
+    results/{cohort}/samples/{sample}/              per-sample artifacts (the unit-table contract)
+        qc/  registration.json  registration_qc.png
+        tiles.parquet  tiles.zarr  tiles_qc.png     unit geometry + image store
+        tokens.zarr                                 transcripts pooled per ViT token (fusion)
+        units.h5ad                                  unit table: obs = units, obsm['spatial'] µm, X = counts
+    results/{cohort}/features/{encoder}/{sample}.zarr   frozen features, rows = units
+    results/{cohort}/splits/fold{k}.parquet             patient-grouped folds of the cohort's units
+    results/{cohort}/{study}/...                        a study's own outputs (runs, tables, figures)
+    results/{cohort}/logs/{rule}/...                    one log per job
+    results/tables/                                     cross-cohort summaries
+"""
+
+from __future__ import annotations
+
+W = {"cohort": "{cohort}", "sample": "{sample}", "encoder": "{encoder}", "fold": "{fold}", "setting": "{setting}"}
+
+
+class WorkflowPaths:
+    def __init__(self, root: str = "results") -> None:
+        self.root = root.rstrip("/")
+
+    # ---------------------------------------------------------------- per cohort / sample
+    def cohort_dir(self, cohort: str = W["cohort"]) -> str:
+        return f"{self.root}/{cohort}"
+
+    def sample_dir(self, cohort: str = W["cohort"], sample: str = W["sample"]) -> str:
+        return f"{self.root}/{cohort}/samples/{sample}"
+
+    def simulated_dir(self, cohort: str = W["cohort"], sample: str = W["sample"]) -> str:
+        return f"{self.root}/{cohort}/simulated/{sample}"
+
+    def simulated(self, name: str, cohort: str = W["cohort"], sample: str = W["sample"]) -> str:
+        return f"{self.simulated_dir(cohort, sample)}/{name}"
+
+    def qc(self, cohort: str = W["cohort"], sample: str = W["sample"]) -> str:
+        return f"{self.sample_dir(cohort, sample)}/qc"
+
+    def registration(self, cohort: str = W["cohort"], sample: str = W["sample"]) -> str:
+        return f"{self.sample_dir(cohort, sample)}/registration.json"
+
+    def registration_qc(self, cohort: str = W["cohort"], sample: str = W["sample"]) -> str:
+        return f"{self.sample_dir(cohort, sample)}/registration_qc.png"
+
+    def tiles(self, cohort: str = W["cohort"], sample: str = W["sample"]) -> str:
+        return f"{self.sample_dir(cohort, sample)}/tiles.parquet"
+
+    def tile_store(self, cohort: str = W["cohort"], sample: str = W["sample"]) -> str:
+        return f"{self.sample_dir(cohort, sample)}/tiles.zarr"
+
+    def tiles_qc(self, cohort: str = W["cohort"], sample: str = W["sample"]) -> str:
+        return f"{self.sample_dir(cohort, sample)}/tiles_qc.png"
+
+    def tokens(self, cohort: str = W["cohort"], sample: str = W["sample"]) -> str:
+        return f"{self.sample_dir(cohort, sample)}/tokens.zarr"
+
+    def units(self, cohort: str = W["cohort"], sample: str = W["sample"]) -> str:
+        return f"{self.sample_dir(cohort, sample)}/units.h5ad"
+
+    def features(self, cohort: str = W["cohort"], encoder: str = W["encoder"], sample: str = W["sample"]) -> str:
+        return f"{self.root}/{cohort}/features/{encoder}/{sample}.zarr"
+
+    def split(self, cohort: str = W["cohort"], fold: int | str = W["fold"]) -> str:
+        return f"{self.root}/{cohort}/splits/fold{fold}.parquet"
+
+    # ---------------------------------------------------------------- per study
+    def study_dir(self, study: str, cohort: str = W["cohort"]) -> str:
+        return f"{self.root}/{cohort}/{study}"
+
+    def panel(self, study: str, cohort: str = W["cohort"], fold: int | str = W["fold"]) -> str:
+        return f"{self.study_dir(study, cohort)}/panels/fold{fold}.json"
+
+    def run_dir(self, study: str, cohort: str = W["cohort"], setting: str = W["setting"],
+                fold: int | str = W["fold"]) -> str:
+        return f"{self.study_dir(study, cohort)}/runs/{setting}/fold{fold}"
+
+    def run(self, study: str, name: str, cohort: str = W["cohort"], setting: str = W["setting"],
+            fold: int | str = W["fold"]) -> str:
+        """A file of one run: metrics.json, predictions.parquet, checkpoint.safetensors, checkpoint.json."""
+        return f"{self.run_dir(study, cohort, setting, fold)}/{name}"
+
+    def tables_dir(self, study: str, cohort: str = W["cohort"]) -> str:
+        return f"{self.study_dir(study, cohort)}/tables"
+
+    def table(self, study: str, name: str, cohort: str = W["cohort"]) -> str:
+        return f"{self.tables_dir(study, cohort)}/{name}"
+
+    def cross_cohort(self, name: str) -> str:
+        return f"{self.root}/tables/{name}"
+
+    # ---------------------------------------------------------------- logs
+    def log(self, rule: str, *parts: str, cohort: str = W["cohort"]) -> str:
+        """``results/{cohort}/logs/{rule}/{part}/.../{last}.log`` (parts default to the sample)."""
+        tail = "/".join(parts) if parts else W["sample"]
+        return f"{self.root}/{cohort}/logs/{rule}/{tail}.log"

@@ -1,0 +1,361 @@
+# The fusion study (seed 002; morphomol.studies.fusion) on xenium cohorts:
+#
+#   panels      results/{cohort}/fusion/panels/fold{k}.json          core / add-on genes per fold
+#   train       results/{cohort}/fusion/runs/{setting}/fold{k}/      one job per (setting, fold):
+#                   metrics.json, predictions.parquet, checkpoint.safetensors + checkpoint.json
+#     train        settings whose forward pass runs the ViT (fine-tuned, early fusion): GPU
+#     train_cpu    settings on cached frozen features and/or counts only: CPU
+#     min_mae      the Min-MAE baseline: CPU
+#     clip         CLIP pretraining + recall@k (Table A.2): GPU
+#   ridge       results/{cohort}/fusion/runs/ridge_{encoder}/fold{k}/  HEST-style probe on cached features
+#   tables      results/{cohort}/fusion/tables/  Table A.1 / A.2, per-gene, t-tests, metadata, plots/
+#   cross_cohort  results/tables/cross_cohort.{csv,md}  when several fusion cohorts are configured
+#
+# Settings come from each cohort's `experiments.settings_file` (config/experiments/table_a1.yaml);
+# settings whose encoders lack configured weights are not run (their table rows say why). Training is
+# preemption-safe: SIGTERM / SIGUSR1 -> runs/{setting}/fold{k}/resume.pt + exit 143; the retried job
+# resumes from it onto identical inputs and ends with the same metrics.
+
+from morphomol.studies.fusion.settings import load_settings
+
+FUSION = "fusion"
+FUSION_SETTINGS = {c: load_settings(cfg_of(c).experiments.settings_file) for c in study_cohorts(FUSION)}
+
+
+def fusion_setting(w):
+    return FUSION_SETTINGS[w.cohort][w.setting]
+
+
+def _fusion_job_names(job):
+    """Regex of the setting names trained by one rule (a name must map to one rule in every cohort)."""
+    jobs = {}
+    for c, settings in FUSION_SETTINGS.items():
+        for name, s in settings.items():
+            if jobs.setdefault(name, s.job) != s.job:
+                raise WorkflowError(f"setting '{name}' is a {jobs[name]} job in one cohort and a {s.job} job in "
+                                    f"cohort '{c}': use different setting names")
+    names = sorted(re.escape(n) for n, j in jobs.items() if j == job)
+    return "|".join(names) if names else "(?!)"
+
+
+def fusion_weights(cohort):
+    """encoder -> configured local weights (None when not configured)."""
+    return {name: entry.weights for name, entry in cfg_of(cohort).encoders.items()}
+
+
+def fusion_runnable(cohort):
+    weights = fusion_weights(cohort)
+    return [n for n, s in FUSION_SETTINGS[cohort].items() if s.not_runnable_reason(weights) is None]
+
+
+def fusion_ridge_encoders(cohort):
+    return feature_encoders(cohort) if cfg_of(cohort).tables.ridge else []
+
+
+def fusion_run_dirs(cohort):
+    """(setting, fold) run directories feeding the tables: runnable settings + ridge baselines."""
+    names = fusion_runnable(cohort) + [f"ridge_{e}" for e in fusion_ridge_encoders(cohort)]
+    return [P.run_dir(FUSION, cohort, n, k) for n in names for k in folds_of(cohort)]
+
+
+def fusion_predictions(cohort):
+    """setting -> predictions.parquet of its folds (every regression run; CLIP runs have none)."""
+    out = {}
+    for d in fusion_run_dirs(cohort):
+        name = Path(d).parent.name
+        s = FUSION_SETTINGS[cohort].get(name)
+        if s is None or s.kind != "clip":
+            out.setdefault(name, []).append(f"{d}/predictions.parquet")
+    return out
+
+
+def fusion_targets(cohort):
+    out = []
+    for s in samples_of(cohort):
+        out += [P.qc(cohort, s), P.registration(cohort, s), P.tiles(cohort, s), P.tokens(cohort, s)]
+    out += [P.table(FUSION, n, cohort) for n in ("table_a1.csv", "table_a2.csv", "ttests.csv", "run_metadata.json",
+                                                  "plots")]
+    if len(study_cohorts(FUSION)) > 1:
+        out.append(P.cross_cohort("cross_cohort.csv"))
+    return out
+
+
+STUDY_TARGETS[FUSION] = fusion_targets
+
+
+# ------------------------------------------------------------------------------ panels
+rule fusion_panel:
+    input:
+        split=P.split(),
+        units=lambda w: [P.units(w.cohort, s) for s in samples_of(w.cohort)],
+    output:
+        P.panel(FUSION),
+    wildcard_constraints:
+        cohort=study_cohort_regex(FUSION),
+    params:
+        samples=lambda w: samples_of(w.cohort),
+        panel=lambda w: cohort_of(w).panel.to_dict(),
+        panels=section("panels"),
+    log:
+        P.log("fusion_panel", "fold{fold}"),
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    conda:
+        "../../envs/morphomol.yaml"
+    script:
+        "../../scripts/fusion_panel.py"
+
+
+# ------------------------------------------------------------------------------ training
+def _train_inputs(w):
+    """Exactly what the run reads: split, panel, every sample's token store, the image stores when the
+    setting reads images, the cached features of its frozen encoders, the ViT-S weights it loads."""
+    s = fusion_setting(w)
+    samples = samples_of(w.cohort)
+    inputs = {"split": P.split(w.cohort, w.fold), "panel": P.panel(FUSION, w.cohort, w.fold),
+              "tokens": [P.tokens(w.cohort, x) for x in samples]}
+    if "image" in s.batch_fields:
+        inputs["tiles"] = [P.tile_store(w.cohort, x) for x in samples]
+    for enc in s.cached_encoders:
+        inputs[f"features_{enc}"] = [P.features(w.cohort, enc, x) for x in samples]
+    weights = cfg_of(w).weights("vit_s")
+    if s.runs_vit and weights:
+        inputs["vit_weights"] = weights
+    return inputs
+
+
+def _training_section(w):
+    """The training section as the setting's job reads it: clip_batch_size only reaches CLIP jobs, so
+    changing it reruns only those (Snakemake reruns a job when its params change)."""
+    t = to_plain(cfg_of(w).training)
+    if fusion_setting(w).kind != "clip":
+        t["clip_batch_size"] = None
+    return t
+
+
+FUSION_TRAIN_PARAMS = dict(
+    setting=lambda w: fusion_setting(w).to_dict(),
+    samples=lambda w: samples_of(w.cohort),
+    cached=lambda w: fusion_setting(w).cached_encoders,
+    training=_training_section,
+    model=section("model"),
+    weights=lambda w: fusion_weights(w.cohort),
+    seed=lambda w: cfg_of(w).seed,
+)
+
+
+rule fusion_train:
+    input:
+        unpack(_train_inputs),
+    output:
+        metrics=P.run(FUSION, "metrics.json"),
+        predictions=P.run(FUSION, "predictions.parquet"),
+        checkpoint=P.run(FUSION, "checkpoint.safetensors"),
+        checkpoint_meta=P.run(FUSION, "checkpoint.json"),
+    wildcard_constraints:
+        cohort=study_cohort_regex(FUSION),
+        setting=_fusion_job_names("train"),
+    params:
+        **FUSION_TRAIN_PARAMS,
+        num_workers=None,  # training.num_workers loader workers feed the GPU
+    log:
+        P.log("fusion_train", "{setting}", "fold{fold}"),
+    threads: resource("train_threads")
+    resources:
+        gpu=1,
+        mem_mb=resource("gpu_mem_mb"),
+        runtime=resource("train_runtime_min"),
+    conda:
+        "../../envs/morphomol.yaml"
+    script:
+        "../../scripts/fusion_train.py"
+
+
+use rule fusion_train as fusion_train_cpu with:
+    wildcard_constraints:
+        cohort=study_cohort_regex(FUSION),
+        setting=_fusion_job_names("train_cpu"),
+    params:
+        **FUSION_TRAIN_PARAMS,
+        num_workers=0,  # counts + cached features: loading in the training process
+    log:
+        P.log("fusion_train", "{setting}", "fold{fold}"),
+    resources:
+        # cached features of every tile are held in memory (N x D float32)
+        mem_mb=lambda w: max(4 * cfg_of(w).resources.cpu_mem_mb, 16000),
+        runtime=resource("train_runtime_min"),
+
+
+rule fusion_min_mae:
+    input:
+        unpack(_train_inputs),
+    output:
+        metrics=P.run(FUSION, "metrics.json"),
+        predictions=P.run(FUSION, "predictions.parquet"),
+        checkpoint_meta=P.run(FUSION, "checkpoint.json"),
+    wildcard_constraints:
+        cohort=study_cohort_regex(FUSION),
+        setting=_fusion_job_names("min_mae"),
+    params:
+        **FUSION_TRAIN_PARAMS,
+        num_workers=0,
+    log:
+        P.log("fusion_train", "{setting}", "fold{fold}"),
+    threads: 1
+    resources:
+        mem_mb=lambda w: max(2 * cfg_of(w).resources.cpu_mem_mb, 8000),
+        runtime=60,
+    conda:
+        "../../envs/morphomol.yaml"
+    script:
+        "../../scripts/fusion_train.py"
+
+
+rule fusion_clip:
+    input:
+        unpack(_train_inputs),
+    output:
+        metrics=P.run(FUSION, "metrics.json"),
+        checkpoint=P.run(FUSION, "checkpoint.safetensors"),
+        checkpoint_meta=P.run(FUSION, "checkpoint.json"),
+    wildcard_constraints:
+        cohort=study_cohort_regex(FUSION),
+        setting=_fusion_job_names("clip"),
+    params:
+        **FUSION_TRAIN_PARAMS,
+        num_workers=None,
+    log:
+        P.log("fusion_train", "{setting}", "fold{fold}"),
+    threads: resource("train_threads")
+    resources:
+        gpu=1,
+        mem_mb=resource("gpu_mem_mb"),
+        runtime=resource("train_runtime_min"),
+    conda:
+        "../../envs/morphomol.yaml"
+    script:
+        "../../scripts/fusion_train.py"
+
+
+# ------------------------------------------------------------------------------ ridge baseline
+rule fusion_ridge:
+    input:
+        split=P.split(),
+        panel=P.panel(FUSION),
+        features=lambda w: [P.features(w.cohort, w.encoder, s) for s in samples_of(w.cohort)],
+        units=lambda w: [P.units(w.cohort, s) for s in samples_of(w.cohort)],
+    output:
+        metrics=P.run(FUSION, "metrics.json", setting="ridge_{encoder}"),
+        predictions=P.run(FUSION, "predictions.parquet", setting="ridge_{encoder}"),
+    wildcard_constraints:
+        cohort=study_cohort_regex(FUSION),
+    params:
+        samples=lambda w: samples_of(w.cohort),
+        ridge=section("ridge"),
+        seed=lambda w: cfg_of(w).seed,
+    log:
+        P.log("fusion_ridge", "{encoder}", "fold{fold}"),
+    threads: 2
+    resources:
+        mem_mb=resource("cpu_mem_mb"),
+        runtime=60,
+    conda:
+        "../../envs/morphomol.yaml"
+    script:
+        "../../scripts/fusion_ridge.py"
+
+
+# ------------------------------------------------------------------------------ tables, figures
+rule fusion_tables:
+    input:
+        metrics=lambda w: [f"{d}/metrics.json" for d in fusion_run_dirs(w.cohort)],
+    output:
+        a1_csv=report(P.table(FUSION, "table_a1.csv"), caption="../report/table_a1.rst", category="{cohort}",
+                      subcategory="Benchmark tables", labels={"table": "Table A.1"}),
+        a1_md=P.table(FUSION, "table_a1.md"),
+        a1_tex=P.table(FUSION, "table_a1.tex"),
+        a2_csv=report(P.table(FUSION, "table_a2.csv"), caption="../report/table_a2.rst", category="{cohort}",
+                      subcategory="Benchmark tables", labels={"table": "Table A.2"}),
+        a2_md=P.table(FUSION, "table_a2.md"),
+        a2_tex=P.table(FUSION, "table_a2.tex"),
+        per_gene=report(P.table(FUSION, "per_gene.csv"), caption="../report/per_gene.rst", category="{cohort}",
+                        subcategory="Benchmark tables", labels={"table": "per-gene metrics"}),
+        ttests=report(P.table(FUSION, "ttests.csv"), caption="../report/ttests.rst", category="{cohort}",
+                      subcategory="Benchmark tables", labels={"table": "paired t-tests"}),
+        metadata_json=P.table(FUSION, "run_metadata.json"),
+        metadata_md=report(P.table(FUSION, "run_metadata.md"), caption="../report/run_metadata.rst",
+                           category="{cohort}", subcategory="Run metadata", labels={"table": "run metadata"}),
+    wildcard_constraints:
+        cohort=study_cohort_regex(FUSION),
+    params:
+        settings_file=lambda w: cfg_of(w).experiments.settings_file,
+        settings=lambda w: {n: s.to_dict() for n, s in FUSION_SETTINGS[w.cohort].items()},
+        weights=lambda w: fusion_weights(w.cohort),
+        tables=section("tables"),
+        n_folds=lambda w: len(folds_of(w.cohort)),
+        config=lambda w: to_plain(cfg_of(w)),
+        samples=lambda w: cohort_of(w).samples.astype(str).to_dict(orient="records"),
+    log:
+        P.log("fusion_tables", "tables"),
+    threads: 1
+    resources:
+        mem_mb=resource("cpu_mem_mb"),
+        runtime=30,
+    conda:
+        "../../envs/morphomol.yaml"
+    script:
+        "../../scripts/fusion_tables.py"
+
+
+rule fusion_plots:
+    input:
+        a1=P.table(FUSION, "table_a1.csv"),
+        a2=P.table(FUSION, "table_a2.csv"),
+        per_gene=P.table(FUSION, "per_gene.csv"),
+        predictions=lambda w: [p for ps in fusion_predictions(w.cohort).values() for p in ps],
+        tiles=lambda w: [P.tiles(w.cohort, s) for s in samples_of(w.cohort)],
+        tokens=lambda w: [P.tokens(w.cohort, s) for s in samples_of(w.cohort)],
+        panel=lambda w: P.panel(FUSION, w.cohort, 0),
+    output:
+        plots=report(directory(P.table(FUSION, "plots")), patterns=["{plot}.png"], caption="../report/plots.rst",
+                     category="{cohort}", subcategory="Figures", labels={"figure": "{plot}"}),
+    wildcard_constraints:
+        cohort=study_cohort_regex(FUSION),
+    params:
+        samples=lambda w: samples_of(w.cohort),
+        slides=lambda w: {s: {"he_path": cohort_of(w).field(s, "he_path"), "he_mpp": cohort_of(w).field(s, "he_mpp")}
+                          for s in samples_of(w.cohort)},
+        predictions=lambda w: fusion_predictions(w.cohort),
+        tables=section("tables"),
+    log:
+        P.log("fusion_tables", "plots"),
+    threads: 1
+    resources:
+        mem_mb=resource("cpu_mem_mb"),
+        runtime=60,
+    conda:
+        "../../envs/morphomol.yaml"
+    script:
+        "../../scripts/fusion_plots.py"
+
+
+rule fusion_cross_cohort:
+    input:
+        tables=lambda w: [P.table(FUSION, "table_a1.csv", c) for c in study_cohorts(FUSION)],
+    output:
+        csv=P.cross_cohort("cross_cohort.csv"),
+        md=report(P.cross_cohort("cross_cohort.md"), caption="../report/cross_cohort.rst", category="cross-cohort"),
+    params:
+        cohorts=lambda w: study_cohorts(FUSION),
+    log:
+        "results/logs/fusion_cross_cohort.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../../envs/morphomol.yaml"
+    script:
+        "../../scripts/fusion_tables.py"
