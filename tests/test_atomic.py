@@ -44,3 +44,22 @@ def test_refuses_to_overwrite_when_asked(tmp_path):
         with atomic_path(target, overwrite=False) as tmp:
             tmp.write_text("other")
     assert target.read_text() == "user data"
+
+
+def test_stale_temporaries_of_a_killed_writer_are_removed(tmp_path):
+    """A SIGKILLed job leaves `.tiles.zarr.tmp-*`; the next write of that output removes it (and only it)."""
+    target = tmp_path / "tiles.zarr"
+    stale = tmp_path / ".tiles.zarr.tmp-0123abcd"
+    (stale / "images").mkdir(parents=True)
+    (stale / "images" / "c0").write_bytes(b"x" * 16384)
+    old = tmp_path / ".tiles.zarr.old-89abcdef"
+    old.mkdir()
+    other = tmp_path / ".tokens.zarr.tmp-0123abcd"  # another output's temporary: not ours to remove
+    other.mkdir()
+    unrelated = tmp_path / ".tiles.zarr.tmp-notours"
+    unrelated.mkdir()
+    with atomic_path(target) as tmp:
+        tmp.mkdir()
+        (tmp / "zarr.json").write_text("{}")
+    assert target.is_dir() and not stale.exists() and not old.exists()
+    assert other.exists() and unrelated.exists()

@@ -170,3 +170,14 @@ def test_rule_qc_runs_and_fails_on_missing_panel_gene(tmp_path, xenium_dir):
     assert summary["qv_min"] == 20.0 and summary["he"]["mpp"] == pytest.approx(0.499)  # no he_mpp -> file's MPP
     assert (qc_dir / "thumbnail.png").stat().st_size > 0
     assert "rule qc done" in (wd / "results/good/logs/qc/s1.log").read_text()
+    # a file rewritten inside the bundle reruns its dependants (the rule declares the bundle's files)
+    cmd = [sys.executable, "-m", "snakemake", "results/good/samples/s1/qc", "-s", str(ROOT / "Snakefile"),
+           "--directory", str(wd), "--configfile", str(cfg), "--workflow-profile", "none", "-n"]
+    quiet = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=wd)
+    assert "Nothing to be done" in quiet.stdout + quiet.stderr, quiet.stdout + quiet.stderr
+    tx = xenium_dir / "transcripts.parquet"
+    st = tx.stat()
+    os.utime(tx, ns=(st.st_atime_ns, st.st_mtime_ns + 5 * 10**9))
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=wd)
+    out = rerun.stdout + rerun.stderr
+    assert "rule qc:" in out and "transcripts.parquet" in out, out

@@ -666,3 +666,18 @@ def test_simulated_refinement_from_perturbed_matrix(sim, tmp_path):
     assert grid_error(bad, m, poly) > 25
     reg = _sim_run(d, tmp_path / "o", alignment=mat, regions=geo, refine="auto")
     assert reg.regions[0].refined and _truth_err(reg.regions[0], t0) < 2.0
+
+
+def test_he_mpp_contradicting_slide_and_landmarks_is_an_error(scene, tmp_path):
+    """Sheet he_mpp half of what the slide metadata and the landmark affine say: one error naming all three
+    (issue 14: tiles of twice the physical size after only a warning)."""
+    kp = tmp_path / "keypoints.csv"
+    make_landmarks(scene, kp, n=N_LM, sigma_um=SIGMA, seed=11)
+    msg = _expect_error(scene, tmp_path, "pixel size disagrees", alignment=kp, he_mpp=HE_MPP / 2)
+    assert f"sample sheet he_mpp {HE_MPP / 2:.4g}" in msg and f"slide metadata" in msg and "affine" in msg
+    assert "mpp_tolerance" in msg
+    # within the tolerance: accepted (5% off, tolerance 10%)
+    reg = _run(scene, tmp_path / "ok", alignment=kp, he_mpp=HE_MPP * 1.05, refine="never")
+    assert reg.he_mpp == pytest.approx(HE_MPP * 1.05)
+    # a wider tolerance accepts the 2x disagreement too
+    _run(scene, tmp_path / "wide", alignment=kp, he_mpp=HE_MPP / 2, refine="never", mpp_tolerance=1.5)

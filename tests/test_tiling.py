@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from morphomol.config import IOConfig, TilingConfig
 from morphomol.errors import InputError
 from morphomol.geometry import TileGrid
 from morphomol.tiling import detect_tissue, plan_tiles, tile_sample, tile_tissue_fraction, write_pyramidal_tiff
@@ -67,8 +70,9 @@ def make_sample(root: Path, name: str = "S1", *, seed: int = 0, n_tx: int = 3000
             "y_um": y_um, "feature": feat}
 
 
-SMALL = dict(tile_px=128, stride_px=64, tile_mpp=0.5, out_px=224, min_transcripts=50, min_tissue_fraction=0.5,
-             thumbnail_mpp=4.0, chunk_tiles=8, batch_size=7000)
+SMALL = dict(cfg=TilingConfig(tile_px=128, stride_px=64, tile_mpp=0.5, out_px=224, min_transcripts=50,
+                              min_tissue_fraction=0.5, thumbnail_mpp=4.0, chunk_tiles=8),
+             io=IOConfig(qv_min=20.0, batch_size=7000))
 
 
 def test_grid_geometry_and_cover():
@@ -152,7 +156,7 @@ def test_no_tissue_and_too_few_transcripts(tmp_path):
         tile_sample(he_path=s["he"], registration=s["registration"], xenium_dir=s["xenium"],
                     out_table=tmp_path / "o/tiles.parquet", out_store=tmp_path / "o/tiles.zarr", **SMALL)
     s = make_sample(tmp_path, "FEW", n_tx=300)
-    cfg = dict(SMALL, min_transcripts=10_000)
+    cfg = dict(SMALL, cfg=dataclasses.replace(SMALL["cfg"], min_transcripts=10_000))
     with pytest.raises(InputError, match=r"sample FEW: zero tiles.*min_transcripts=10000"):
         tile_sample(he_path=s["he"], registration=s["registration"], xenium_dir=s["xenium"],
                     out_table=tmp_path / "o/tiles.parquet", out_store=tmp_path / "o/tiles.zarr", **cfg)

@@ -240,7 +240,7 @@ def test_real_breast_transcripts_through_pooling(tmp_path):
     ref = tokens.reference_tokens(x, y, reg, codes, M, grid, ii[sub], jj[sub], len(genes))
     got = _densify(indptr, tok, gn, cnt, len(ii), len(genes))[sub]
     np.testing.assert_array_equal(got, ref)
-    # writers: tokens.zarr round trip + counts.h5ad + per tile totals
+    # writers: tokens.zarr round trip + the unit table (units.h5ad) + per tile totals
     import anndata as ad
     import zarr
 
@@ -253,8 +253,15 @@ def test_real_breast_transcripts_through_pooling(tmp_path):
     np.testing.assert_array_equal(g["count"][:], cnt)
     np.testing.assert_array_equal(g["tile_counts"][:], tc)
     assert g.attrs["genes"] == genes and g.attrs["grid"] == 14
-    table = pd.DataFrame({"tile_id": [f"IDC__{i:06d}" for i in range(len(ii))], "index": np.arange(len(ii))})
-    tokens.write_counts_h5ad(tmp_path / "counts.h5ad", table, tc, genes)
-    a = ad.read_h5ad(tmp_path / "counts.h5ad")
+    from morphomol.data.units import write_units
+
+    table = pd.DataFrame({"tile_id": [f"IDC__{i:06d}" for i in range(len(ii))], "index": np.arange(len(ii)),
+                          "x_um": np.arange(len(ii), dtype=float), "y_um": np.zeros(len(ii))})
+    write_units(tmp_path / "units.h5ad", table, tc, genes, spatial_um=table[["x_um", "y_um"]].to_numpy(), unit="tile",
+                sample="IDC", patient="P1", index_col="tile_id")
+    a = ad.read_h5ad(tmp_path / "units.h5ad")
     assert a.shape == (len(ii), len(genes)) and list(a.var_names) == genes
+    assert list(a.obs_names) == list(table["tile_id"]) and set(a.obs["patient_id"]) == {"P1"}
+    np.testing.assert_array_equal(a.obsm["spatial"][:, 0], table["x_um"])
+    assert a.uns["morphomol"]["unit"] == "tile" and a.uns["morphomol"]["sample"] == "IDC"
     np.testing.assert_array_equal(np.asarray(a.X.sum(axis=1)).ravel(), tc.sum(axis=1))

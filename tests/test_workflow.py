@@ -1,4 +1,5 @@
-"""The Snakemake workflow itself: lint-clean, the demo DAG resolves, bad config fails before any job."""
+"""The Snakemake workflow itself: lint-clean, the demo DAG resolves without torch, bad config fails
+before any job, rules declare what they read, names cannot escape the results tree."""
 
 from __future__ import annotations
 
@@ -31,14 +32,62 @@ def test_dry_run_resolves_demo_dag():
     res = _smk("-n", "--forceall", "--quiet", "rules")
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
-    for rule in ("simulate", "qc", "register", "tile", "tokens", "splits", "train", "tables"):
+    for rule in ("simulate", "qc", "register", "tile", "tokens", "splits", "features", "fusion_panel",
+                 "fusion_train", "fusion_train_cpu", "fusion_min_mae", "fusion_clip", "fusion_ridge", "fusion_tables",
+                 "fusion_plots"):
         assert rule in out, f"rule {rule} missing from the demo DAG:\n{out}"
+
+
+NO_TORCH = """
+import sys
+for name in ("torch", "torchvision", "timm", "transformers", "open_clip"):
+    sys.modules[name] = None  # any import of these raises ImportError
+sys.argv = ["snakemake", "-n", "--forceall", "--quiet", "rules"]
+from snakemake.cli import main
+main()
+"""
+
+
+def test_dag_builds_with_torch_unimportable():
+    res = subprocess.run([sys.executable, "-c", NO_TORCH], cwd=REPO, capture_output=True, text=True, timeout=600)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    assert "fusion_train" in out
+
+
+def test_plots_rule_reads_regression_predictions_tokens_and_panel():
+    res = _smk("-n", "--forceall", "--printshellcmds", "--rerun-triggers", "mtime",
+               "results/demo/fusion/tables/plots")
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    block = out.split("rule fusion_plots:", 1)[1].split("\n\n", 1)[0]
+    inputs = block.split("input:", 1)[1].split("output:", 1)[0]
+    assert "results/demo/fusion/runs/early_add_vits_ft_mlp_token/fold0/predictions.parquet" in inputs
+    assert "results/demo/fusion/runs/ridge_vit_s/fold2/predictions.parquet" in inputs
+    assert "clip_token" not in inputs  # CLIP runs have no predictions
+    assert "results/demo/samples/S03/tokens.zarr" in inputs and "results/demo/fusion/panels/fold0.json" in inputs
+
+
+def test_train_rule_declares_exactly_what_the_run_reads():
+    res = _smk("-n", "--forceall", "results/demo/fusion/runs/expr_mlp_token/fold1/metrics.json",
+               "results/demo/fusion/runs/early_add_vits_ft_mlp_token/fold1/metrics.json")
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    cpu = out.split("rule fusion_train_cpu:", 1)[1].split("\n\n", 1)[0].split("output:", 1)[0]
+    gpu = out.split("rule fusion_train:", 1)[1].split("\n\n", 1)[0].split("output:", 1)[0]
+    for block in (cpu, gpu):
+        assert "splits/fold1.parquet" in block and "fusion/panels/fold1.json" in block
+        assert "samples/S06/tokens.zarr" in block
+        assert "targets.parquet" not in block
+    assert "tiles.zarr" not in cpu  # counts-only settings never read images
+    assert "samples/S06/tiles.zarr" in gpu
 
 
 @pytest.fixture()
 def repo_copy(tmp_path):
     dst = tmp_path / "repo"
-    shutil.copytree(REPO, dst, ignore=shutil.ignore_patterns(".venv", "results", ".snakemake", ".git", "*.zarr", "__pycache__"))
+    shutil.copytree(REPO, dst, ignore=shutil.ignore_patterns(".venv", "results", ".snakemake", ".git", "*.zarr",
+                                                             "__pycache__"))
     return dst
 
 
@@ -61,3 +110,24 @@ def test_bad_config_value_fails_with_field(repo_copy):
     out = res.stdout + res.stderr
     assert res.returncode != 0
     assert "min_tissue_fraction" in out, out
+
+
+def test_misspelled_key_in_cohort_fails_before_any_job(repo_copy):
+    cohort = repo_copy / "config" / "cohorts" / "demo.yaml"
+    cohort.write_text(cohort.read_text().replace("min_transcripts: 500", "min_transcipts: 500"))
+    res = _smk("-n", cwd=repo_copy)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0
+    assert "demo.yaml" in out and "tiling.min_transcipts" in out and "unknown key" in out, out
+    res = subprocess.run([sys.executable, "-m", "morphomol.cli", "check-config"], cwd=repo_copy, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 1 and "tiling.min_transcipts" in res.stderr, res.stdout + res.stderr
+
+
+def test_names_cannot_leave_the_results_tree():
+    for target in ("results/demo/samples/../registration.json", "results/../samples/S01/tiles.parquet",
+                   "results/demo/samples/.hidden/tiles.parquet"):
+        res = _smk("-n", target)
+        out = res.stdout + res.stderr
+        assert res.returncode != 0, (target, out)
+        assert "MissingRuleException" in out or "No rule to produce" in out, (target, out)

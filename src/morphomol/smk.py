@@ -54,6 +54,18 @@ def _free_space(path: str | None) -> str:
     return f"{free / 1e9:.2f} GB"
 
 
+def _enospc(exc: BaseException) -> OSError | None:
+    """The ENOSPC error in an exception's cause/context chain (libraries such as zarr wrap it)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def _outputs(smk: Any) -> list[str]:
     try:
         return [str(p) for p in smk.output]
@@ -92,10 +104,11 @@ def run(main: Callable[[Any], Any], smk: Any | None = None) -> None:
         main(smk)
     except MorphomolError as exc:
         fail(exc.message)
-    except OSError as exc:
-        if exc.errno != errno.ENOSPC:
+    except Exception as exc:
+        full = _enospc(exc)
+        if full is None:
             raise
-        where = exc.filename or (_outputs(smk) or [None])[0]
+        where = full.filename or (_outputs(smk) or [None])[0]
         fail(f"disk full while writing {where} (free space there: {_free_space(where)}); "
              "free some space and rerun (incomplete outputs were removed)")
     log.info("rule %s %s %.1f s", smk.rule, DONE_MARK, time.perf_counter() - t0)

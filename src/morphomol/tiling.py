@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from morphomol.config.sections import IOConfig, TilingConfig
+from morphomol.data.chunks import ChunkWriter
 from morphomol.errors import InputError
 from morphomol.geometry import (
     Batch,
@@ -273,33 +275,6 @@ def create_image_array(path: Path, n: int, out_px: int, chunk_tiles: int, codec:
     return g, arr
 
 
-class ChunkWriter:
-    """Buffers rows and writes whole chunks of a zarr array (no read-modify-write)."""
-
-    def __init__(self, arr: Any, chunk: int) -> None:
-        self.arr = arr
-        self.chunk = chunk
-        self.buf = np.empty((chunk,) + tuple(arr.shape[1:]), arr.dtype)
-        self.fill = 0
-        self.pos = 0
-
-    def add(self, rows: np.ndarray) -> None:
-        i = 0
-        while i < len(rows):
-            take = min(self.chunk - self.fill, len(rows) - i)
-            self.buf[self.fill:self.fill + take] = rows[i:i + take]
-            self.fill += take
-            i += take
-            if self.fill == self.chunk:
-                self.flush()
-
-    def flush(self) -> None:
-        if self.fill:
-            self.arr[self.pos:self.pos + self.fill] = self.buf[:self.fill]
-            self.pos += self.fill
-            self.fill = 0
-
-
 # ----------------------------------------------------------------------------- plan + write
 def plan_tiles(
     sample: str, grid: TileGrid, n_tx: np.ndarray, region: np.ndarray, n_genes: np.ndarray,
@@ -385,46 +360,27 @@ def qc_png(path: Path, thumb: np.ndarray, mask: np.ndarray, table: pd.DataFrame,
 
 
 # ----------------------------------------------------------------------------- the rule
-def sample_batches(bundle: Any, reg: Any, genes: Sequence[str], *, batch_size: int, qv_min: float | None
-                   ) -> Iterator[Batch]:
-    """Stream a XeniumBundle as :class:`Batch` es (region assignment + gene lookup table)."""
-    pos = {g: i for i, g in enumerate(genes)}
-    lut_cache: tuple[int, np.ndarray] | None = None
-    simple = len(reg.regions) == 1 and not getattr(reg.regions[0], "polygon_um", None)
-    for b in bundle.iter_transcripts(batch_size=batch_size, qv_min=qv_min, drop_controls=True):
-        names = b.gene_names
-        if lut_cache is None or lut_cache[0] != id(names):
-            lut_cache = (id(names), np.array([pos.get(n, -1) for n in names], dtype=np.int32))
-        if simple and getattr(reg, "region_assignment", "nearest") != "drop":
-            region = np.zeros(len(b.x), np.int32)
-        else:
-            region = np.asarray(reg.assign_regions(b.x, b.y), dtype=np.int32)
-        yield Batch(b.x, b.y, region, b.gene_codes, lut_cache[1])
-
-
-def sample_genes(bundle: Any) -> list[str]:
-    """All non-control genes of a sample: those present in the transcripts plus the panel file."""
-    from morphomol.io.xenium import is_control
-
-    genes = set(bundle.feature_names())
-    panel = bundle.gene_panel()
-    if panel:
-        genes |= {g for g in panel if not is_control(g)}
-    return sorted(genes)
-
-
 def tile_sample(
     *, he_path: str | Path, registration: str | Path, xenium_dir: str | Path, out_table: str | Path,
-    out_store: str | Path, out_qc: str | Path | None = None, sample: str | None = None, he_mpp: float | None = None,
-    tile_px: int = 512, stride_px: int = 256, tile_mpp: float = 0.5, out_px: int = 224, min_transcripts: int = 1000,
-    min_tissue_fraction: float = 0.5, thumbnail_mpp: float = 8.0, chunk_tiles: int = 64, grid: int = 14,
-    qv_min: float | None = 20.0, batch_size: int = 2_000_000, codec: str = DEFAULT_IMAGE_CODEC, **_: Any,
+    out_store: str | Path, cfg: TilingConfig, out_qc: str | Path | None = None, sample: str | None = None,
+    he_mpp: float | None = None, grid: int = 14, io: IOConfig | None = None, codec: str = DEFAULT_IMAGE_CODEC,
 ) -> pd.DataFrame:
-    """Tile one sample: tissue mask, grid over the transcript bbox, transcript counts per
-    tile, filtering, then tiles.parquet + tiles.zarr (+ tiles_qc.png)."""
+    """Tile one sample: tissue mask, grid over the transcript bbox, transcript counts per tile,
+    filtering, then tiles.parquet + tiles.zarr (+ tiles_qc.png).
+
+    ``cfg``: the ``tiling`` config section; ``io``: the ``io`` section (qv filter, batch size;
+    default qv >= 20, 2M transcripts per batch); ``grid``: tokens per tile side (``tokens.grid``).
+    """
     from morphomol.io.he import open_slide
     from morphomol.io.xenium import XeniumBundle
     from morphomol.registration import Registration
+    from morphomol.transcripts import sample_batches, sample_genes
+
+    io = io or IOConfig(qv_min=20.0, batch_size=2_000_000)
+    qv_min, batch_size = io.qv_min, io.batch_size
+    tile_px, stride_px, tile_mpp, out_px = cfg.tile_px, cfg.stride_px, cfg.tile_mpp, cfg.out_px
+    min_transcripts, min_tissue_fraction = cfg.min_transcripts, cfg.min_tissue_fraction
+    thumbnail_mpp, chunk_tiles = cfg.thumbnail_mpp, cfg.chunk_tiles
 
     t_start = time.perf_counter()
     regj = json.loads(Path(registration).read_text())

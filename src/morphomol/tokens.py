@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from morphomol.config.sections import IOConfig
 from morphomol.errors import InputError
 from morphomol.geometry import Batch, TileGrid, locate_kernel
 from morphomol.util.atomic import atomic_path
@@ -349,7 +350,7 @@ def write_tokens_zarr(path: Path, pc: PatchCounts, pm: np.ndarray, grid: TileGri
                            fill_value=0)
     a_tc = g.create_array("tile_counts", shape=(N, G), chunks=(max(1, min(N, chunk_tiles)), max(1, G)), dtype="uint32",
                           compressors=_codec(), fill_value=0)
-    from morphomol.tiling import ChunkWriter
+    from morphomol.data.chunks import ChunkWriter
 
     w_tok, w_gene, w_cnt = ChunkWriter(a_tok, ch[0]), ChunkWriter(a_gene, ch[0]), ChunkWriter(a_cnt, ch[0])
     w_tc = ChunkWriter(a_tc, max(1, min(N, chunk_tiles)))
@@ -372,18 +373,6 @@ def write_tokens_zarr(path: Path, pc: PatchCounts, pm: np.ndarray, grid: TileGri
     return tile_counts
 
 
-def write_counts_h5ad(path: Path, tiles: pd.DataFrame, tile_counts: np.ndarray, genes: Sequence[str]) -> None:
-    import anndata as ad
-    import scipy.sparse as sp
-
-    obs = tiles.copy()
-    obs.index = obs["tile_id"].astype(str).to_numpy()
-    obs.index.name = None
-    X = sp.csr_matrix(tile_counts.astype(np.float32))
-    a = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=pd.Index(list(genes), dtype=object)))
-    a.write_h5ad(path)
-
-
 def check_panel_genes(sample: str, genes: Sequence[str], panel: dict[str, Any] | None) -> None:
     """InputError naming the sample and the panel genes it lacks."""
     if not panel or panel.get("mode") == "hvg":
@@ -401,19 +390,21 @@ def check_panel_genes(sample: str, genes: Sequence[str], panel: dict[str, Any] |
 
 def tokens_sample(
     *, tiles: str | Path, tiles_store: str | Path, registration: str | Path, xenium_dir: str | Path,
-    out_tokens: str | Path, out_counts: str | Path, out_targets: str | Path, panel: dict[str, Any] | None = None,
-    sample: str | None = None, qv_min: float | None = 20.0, batch_size: int = 2_000_000, chunk_tiles: int = 64,
-    buffer_size: int = 1 << 23, **_: Any,
+    out_tokens: str | Path, out_units: str | Path, panel: dict[str, Any] | None = None, sample: str | None = None,
+    patient: str | None = None, io: IOConfig | None = None, chunk_tiles: int = 64, buffer_size: int = 1 << 23,
 ) -> None:
-    """Per-sample rule: pool transcripts onto tokens of the kept tiles; write tokens.zarr,
-    counts.h5ad and targets.parquet (add-on genes of the YAML panel; empty in hvg mode)."""
+    """Per-sample rule: pool transcripts onto the tokens of the kept tiles; write tokens.zarr (the
+    loader's store) and the unit table units.h5ad (tiles x genes counts, obs = tiles.parquet,
+    ``obsm['spatial']`` = tile centres in µm). ``io``: qv filter and batch size (default qv >= 20)."""
     import zarr
 
+    from morphomol.data.units import write_units
+    from morphomol.geometry import check_regions, grid_from_attrs, region_matrices, um_to_patch_matrices
     from morphomol.io.xenium import XeniumBundle
     from morphomol.registration import Registration
-    from morphomol.geometry import check_regions, grid_from_attrs, region_matrices, um_to_patch_matrices
-    from morphomol.tiling import sample_batches
+    from morphomol.transcripts import sample_batches
 
+    io = io or IOConfig(qv_min=20.0, batch_size=2_000_000)
     t0 = time.perf_counter()
     table = pd.read_parquet(tiles)
     attrs = dict(zarr.open_group(str(tiles_store), mode="r").attrs)
@@ -427,8 +418,9 @@ def tokens_sample(
     bundle = XeniumBundle(xenium_dir)
     ti = table["grid_i"].to_numpy(np.int64)
     tj = table["grid_j"].to_numpy(np.int64)
-    pc, pm = pool_patches(sample_batches(bundle, reg, genes, batch_size=batch_size, qv_min=qv_min), grid, ti, tj, M,
-                          len(genes), buffer_size=buffer_size, check=lambda b: check_regions(b.region, has, sample))
+    pc, pm = pool_patches(sample_batches(bundle, reg, genes, batch_size=io.batch_size, qv_min=io.qv_min), grid, ti,
+                          tj, M, len(genes), buffer_size=buffer_size,
+                          check=lambda b: check_regions(b.region, has, sample))
     secs = time.perf_counter() - t0
     log.info("%s: pooled %d transcripts into %d patch-gene entries in %.1f s", sample, pc.n_transcripts,
              len(pc.gene), secs)
@@ -441,13 +433,7 @@ def tokens_sample(
             raise InputError(f"sample {sample}: tile {table['tile_id'].iloc[bad]} has {got[bad]} transcripts in the "
                              f"token pass but {want[bad]} in tiles.parquet (inputs changed between rules?)",
                              file=tiles, field="n_transcripts", expected="identical transcript counts")
-        with atomic_path(out_counts) as tmpc:
-            write_counts_h5ad(tmpc, table, tc, genes)
-        addon = [] if not panel or panel.get("mode") == "hvg" else list(panel.get("addon") or [])
-        pos = {g: i for i, g in enumerate(genes)}
-        tgt = pd.DataFrame({"tile_id": table["tile_id"].to_numpy()})
-        for gname in addon:
-            tgt[gname] = tc[:, pos[gname]].astype(np.int64)
-        with atomic_path(out_targets) as tmpt:
-            tgt.to_parquet(tmpt, index=False)
+        write_units(out_units, table, tc, genes, spatial_um=table[["x_um", "y_um"]].to_numpy(np.float64), unit="tile",
+                    sample=sample, patient=patient, index_col="tile_id",
+                    uns={"tile_px": attrs.get("tile_px"), "tile_mpp": attrs.get("mpp"), "he_mpp": attrs.get("he_mpp")})
     log.info("%s: %d tiles written in %.1f s", sample, len(table), time.perf_counter() - t0)

@@ -16,7 +16,7 @@ from paths import WorkflowPaths  # noqa: E402  (workflow/paths.py: every results
 from morphomol.config import load_config  # noqa: E402
 from morphomol.config.sections import to_plain  # noqa: E402
 from morphomol.errors import MorphomolError  # noqa: E402
-from morphomol.io.xenium import bundle_files  # noqa: E402
+from morphomol.io.xenium_layout import bundle_files  # noqa: E402
 
 
 configfile: "config/config.yaml"

@@ -1,4 +1,4 @@
-"""Whole-chunk reads of the zarr arrays the pipeline writes (tile images, token arrays).
+"""Whole-chunk reads and writes of the zarr arrays the pipeline writes (tile images, token arrays).
 
 Chunks of the writers' plain layout (zarr v3, bytes [+ one Blosc codec], no sharding, local store,
 chunks spanning every axis but the first) are read straight from their files and decoded into a
@@ -94,3 +94,28 @@ class ChunkReader:
         return out
 
 
+class ChunkWriter:
+    """Buffers rows and writes whole chunks of a zarr array (no read-modify-write)."""
+
+    def __init__(self, arr: Any, chunk: int) -> None:
+        self.arr = arr
+        self.chunk = chunk
+        self.buf = np.empty((chunk,) + tuple(arr.shape[1:]), arr.dtype)
+        self.fill = 0
+        self.pos = 0
+
+    def add(self, rows: np.ndarray) -> None:
+        i = 0
+        while i < len(rows):
+            take = min(self.chunk - self.fill, len(rows) - i)
+            self.buf[self.fill:self.fill + take] = rows[i:i + take]
+            self.fill += take
+            i += take
+            if self.fill == self.chunk:
+                self.flush()
+
+    def flush(self) -> None:
+        if self.fill:
+            self.arr[self.pos:self.pos + self.fill] = self.buf[:self.fill]
+            self.pos += self.fill
+            self.fill = 0

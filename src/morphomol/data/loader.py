@@ -40,64 +40,66 @@ from morphomol.data.folds import read_split
 from morphomol.data.stores import SampleStore, StorePaths
 from morphomol.errors import InputError
 from morphomol.util.logs import get_logger
+from morphomol.util.numba import njit_kernels, numba_module
 
 log = get_logger("data.loader")
 
 N_TOKENS = 196
-_K: dict[str, Any] = {}
 
 
 def _kernels() -> dict[str, Any]:
     """numba kernels of the collate step (compiled once per process, cached on disk)."""
-    if not _K:
-        import numba as nb
+    return njit_kernels("data.loader", _build_kernels)
 
-        @nb.njit(cache=True, nogil=True)
-        def take_rows(src, off, pos, dst):  # type: ignore[no-untyped-def]
-            # dst[pos[k]] = src[off[k]] for 2-D (rows, bytes) views: one copy per tile
-            R = src.shape[1]
-            for k in range(off.shape[0]):
-                s = src[off[k]]
-                d = dst[pos[k]]
-                for j in range(R):
-                    d[j] = s[j]
 
-        @nb.njit(cache=True, nogil=True)
-        def take_counts(tc, off, pos, core_idx, addon_idx, core, addon):  # type: ignore[no-untyped-def]
-            for k in range(off.shape[0]):
-                o, p = off[k], pos[k]
-                for j in range(core_idx.shape[0]):
-                    core[p, j] = tc[o, core_idx[j]]
-                for j in range(addon_idx.shape[0]):
-                    addon[p, j] = tc[o, addon_idx[j]]
+def _build_kernels() -> dict[str, Any]:
+    nb = numba_module()
 
-        @nb.njit(cache=True, nogil=True)
-        def gather_coo(ip, tk, gn, ct, off, pos, lut, Gc, flat, vals, w):  # type: ignore[no-untyped-def]
-            # one pass over a chunk's token entries for the selected tiles -> flat COO
-            for q in range(off.shape[0]):
-                o = off[q]
-                base = pos[q] * 196
-                for e in range(ip[o], ip[o + 1]):
-                    g = lut[gn[e]]
-                    if g >= 0:
-                        flat[w] = (base + tk[e]) * Gc + g
-                        vals[w] = ct[e]
-                        w += 1
-            return w
+    @nb.njit(cache=True, nogil=True)
+    def take_rows(src, off, pos, dst):  # type: ignore[no-untyped-def]
+        # dst[pos[k]] = src[off[k]] for 2-D (rows, bytes) views: one copy per tile
+        R = src.shape[1]
+        for k in range(off.shape[0]):
+            s = src[off[k]]
+            d = dst[pos[k]]
+            for j in range(R):
+                d[j] = s[j]
 
-        @nb.njit(cache=True, nogil=True)
-        def gather_dense(ip, tk, gn, ct, off, pos, lut, Gc, out):  # type: ignore[no-untyped-def]
-            # straight into the zeroed (B*196*Gc,) output; no intermediate COO
-            for q in range(off.shape[0]):
-                o = off[q]
-                base = pos[q] * 196
-                for e in range(ip[o], ip[o + 1]):
-                    g = lut[gn[e]]
-                    if g >= 0:
-                        out[(base + tk[e]) * Gc + g] = ct[e]
+    @nb.njit(cache=True, nogil=True)
+    def take_counts(tc, off, pos, core_idx, addon_idx, core, addon):  # type: ignore[no-untyped-def]
+        for k in range(off.shape[0]):
+            o, p = off[k], pos[k]
+            for j in range(core_idx.shape[0]):
+                core[p, j] = tc[o, core_idx[j]]
+            for j in range(addon_idx.shape[0]):
+                addon[p, j] = tc[o, addon_idx[j]]
 
-        _K.update(take_rows=take_rows, take_counts=take_counts, gather_coo=gather_coo, gather_dense=gather_dense)
-    return _K
+    @nb.njit(cache=True, nogil=True)
+    def gather_coo(ip, tk, gn, ct, off, pos, lut, Gc, flat, vals, w):  # type: ignore[no-untyped-def]
+        # one pass over a chunk's token entries for the selected tiles -> flat COO
+        for q in range(off.shape[0]):
+            o = off[q]
+            base = pos[q] * 196
+            for e in range(ip[o], ip[o + 1]):
+                g = lut[gn[e]]
+                if g >= 0:
+                    flat[w] = (base + tk[e]) * Gc + g
+                    vals[w] = ct[e]
+                    w += 1
+        return w
+
+    @nb.njit(cache=True, nogil=True)
+    def gather_dense(ip, tk, gn, ct, off, pos, lut, Gc, out):  # type: ignore[no-untyped-def]
+        # straight into the zeroed (B*196*Gc,) output; no intermediate COO
+        for q in range(off.shape[0]):
+            o = off[q]
+            base = pos[q] * 196
+            for e in range(ip[o], ip[o + 1]):
+                g = lut[gn[e]]
+                if g >= 0:
+                    out[(base + tk[e]) * Gc + g] = ct[e]
+
+    return {"take_rows": take_rows, "take_counts": take_counts, "gather_coo": gather_coo, "gather_dense": gather_dense}
 
 
 def _alloc(shape: tuple[int, ...], dtype: Any, *, shared: bool, zero: bool = False) -> tuple[Any, np.ndarray]:

@@ -145,6 +145,7 @@ def tokens_to_dense(indptr: np.ndarray, token: np.ndarray, gene: np.ndarray, cou
     return out
 
 
+@dataclass
 class TileArrays:
     """Tile-level arrays for every tile of a fold (no images): core counts and log1p targets."""
 

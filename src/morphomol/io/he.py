@@ -193,6 +193,8 @@ class Slide:
         self.backend = backend.name
         self.mpp = float(mpp)
         self.mpp_source = mpp_source
+        self.meta_mpp: float | None = None  # µm/px the file's metadata states (set by open_slide)
+        self.meta_mpp_source = ""
         self.level_dimensions: list[tuple[int, int]] = [tuple(d) for d in backend.level_dimensions]
         self.dimensions: tuple[int, int] = self.level_dimensions[0]
         self.level_count = len(self.level_dimensions)
@@ -423,6 +425,7 @@ def open_slide(path: str | Path, mpp: float | str | None = None) -> Slide:
             if backend.name == "openslide":
                 tif.close()
 
+    meta_source = source
     if mpp_arg is not None:
         if meta_mpp is not None and abs(meta_mpp - mpp_arg) / mpp_arg > 0.05:
             log.warning("%s: he_mpp %.4g overrides %s %.4g", p, mpp_arg, source, meta_mpp)
@@ -439,5 +442,7 @@ def open_slide(path: str | Path, mpp: float | str | None = None) -> Slide:
             expected="a resolution in the file or he_mpp in the sample sheet",
         )
     slide = Slide(p, backend, final, source)
+    slide.meta_mpp = meta_mpp  # what the file itself says (None: nothing), whatever the sheet overrides
+    slide.meta_mpp_source = meta_source
     log.info("opened %r (mpp from %s)", slide, source)
     return slide

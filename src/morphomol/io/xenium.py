@@ -33,6 +33,17 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from morphomol.errors import InputError
+from morphomol.io.xenium_layout import (
+    CELLS_FILES,
+    CONTROL_PREFIXES,
+    MORPHOLOGY_FILES,
+    REQUIRED_COLUMNS,
+    TRANSCRIPT_FILES,
+    _normalise_name,
+    bundle_files,
+    is_control,
+    read_gene_panel,
+)
 from morphomol.util.logs import get_logger
 
 __all__ = [
@@ -49,44 +60,8 @@ __all__ = [
 
 log = get_logger("io.xenium")
 
-CONTROL_PREFIXES: tuple[str, ...] = (
-    "BLANK_",
-    "NegControlCodeword_",
-    "NegControlProbe_",
-    "UnassignedCodeword_",
-    "DeprecatedCodeword_",
-    "Intergenic_Region_",
-)
-REQUIRED_COLUMNS: tuple[str, ...] = ("feature_name", "x_location", "y_location")
-#: transcript tables in order of preference
-TRANSCRIPT_FILES: tuple[str, ...] = ("transcripts.parquet", "transcripts.csv.gz", "transcripts.csv")
-#: morphology (DAPI) images in order of preference
-MORPHOLOGY_FILES: tuple[str, ...] = (
-    "morphology_focus.ome.tif",
-    "morphology_focus/ch0000_dapi.ome.tif",
-    "morphology_focus/morphology_focus_0000.ome.tif",
-    "morphology_mip.ome.tif",
-)
-CELLS_FILES: tuple[str, ...] = ("cells.parquet", "cells.csv.gz", "cells.csv")
-
 _FLOAT_COLUMNS = {"x_location", "y_location", "z_location", "qv", "nucleus_distance"}
 _CSV_BLOCK_BYTES_PER_ROW = 96  # rough width of one 10x transcript CSV row (for block sizing)
-
-
-def is_control(name: str) -> bool:
-    """True when ``name`` is a control feature (by :data:`CONTROL_PREFIXES`)."""
-    return name.startswith(CONTROL_PREFIXES)
-
-
-def _normalise_name(value: Any) -> str:
-    """Feature names may arrive as bytes, or as a Python bytes repr ("b'CD3E'") in CSVs
-    that were converted from parquet without decoding."""
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        value = bytes(value).decode("utf-8", errors="replace")
-    s = str(value)
-    if len(s) >= 3 and s[0] == "b" and s[1] in "'\"" and s[-1] == s[1]:
-        s = s[2:-1]
-    return s
 
 
 @dataclass(frozen=True)
@@ -193,12 +168,6 @@ class XeniumBundle:
     def gene_panel(self) -> list[str] | None:
         """Target gene names of ``gene_panel.json`` (controls excluded), or None if absent."""
         return read_gene_panel(self.path)
-
-    @staticmethod
-    def panel_targets(path: str | Path) -> list[str] | None:
-        """Gene targets of the bundle at ``path`` from its ``gene_panel.json`` (None when absent);
-        reads only that small file (config checks)."""
-        return read_gene_panel(path)
 
     # ------------------------------------------------------------------ files
     def _find_transcripts(self) -> Path:
@@ -502,57 +471,6 @@ class XeniumBundle:
 
 
 # ---------------------------------------------------------------------- helpers
-def read_gene_panel(bundle_dir: str | Path) -> list[str] | None:
-    """Target gene names of ``<bundle>/gene_panel.json`` (controls excluded), or None if absent."""
-    f = Path(bundle_dir) / "gene_panel.json"
-    if not f.is_file():
-        return None
-    try:
-        data = json.loads(f.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"not valid JSON ({exc})", file=f, expected="gene_panel.json") from None
-    payload = data.get("payload", data) if isinstance(data, dict) else {}
-    targets = payload.get("targets") if isinstance(payload, dict) else None
-    if not isinstance(targets, list):
-        raise InputError("no target list", file=f, field="payload.targets", expected="a list of panel targets")
-    genes: list[str] = []
-    for t in targets:
-        if not isinstance(t, dict):
-            continue
-        typ = t.get("type", {}) if isinstance(t.get("type"), dict) else {}
-        dat = typ.get("data", {}) if isinstance(typ.get("data"), dict) else {}
-        name = dat.get("name", t.get("name"))
-        descriptor = str(typ.get("descriptor", "gene")).lower()
-        if name is None or descriptor != "gene":
-            continue
-        name = _normalise_name(name)
-        if not is_control(name) and name not in genes:
-            genes.append(name)
-    return genes
-
-
-def bundle_files(bundle_dir: str | Path, *, morphology: bool = True) -> dict[str, Path]:
-    """The files of a bundle the pipeline reads (experiment.xenium, the transcript table, the DAPI
-    morphology image), found the way :class:`XeniumBundle` finds them, without opening them.
-
-    Rules declare these as inputs so that rewriting a file inside a bundle reruns its dependants.
-    Names absent on disk are left out (the rule that reads the bundle reports them).
-    """
-    d = Path(bundle_dir)
-    out: dict[str, Path] = {}
-    if (d / "experiment.xenium").is_file():
-        out["experiment"] = d / "experiment.xenium"
-    for name in TRANSCRIPT_FILES:
-        if (d / name).is_file():
-            out["transcripts"] = d / name
-            break
-    if morphology:
-        for name in MORPHOLOGY_FILES:
-            if (d / name).is_file():
-                out["morphology"] = d / name
-                break
-    return out
-
 def _rebatch(batches: Iterable[pa.RecordBatch], size: int) -> Iterator[pa.RecordBatch]:
     """Yield record batches of exactly ``size`` rows (the last may be shorter)."""
     pending: list[pa.RecordBatch] = []

@@ -107,15 +107,18 @@ def register_sample(*, xenium: Any, he: Any, out_json: str | Path, out_qc: str |
                     qv_min: Any = 20.0, robust: str = "trim", outlier_threshold_um: float = 10.0,
                     max_rms_um: float = 15.0, region_assignment: str = "nearest", refine: str = "auto",
                     refine_mpp: float = 4.0, seed: int = 0, batch_size: int = 2_000_000,
-                    cfg: RegistrationConfig | None = None, io: IOConfig | None = None,
+                    mpp_tolerance: float = 0.1, cfg: RegistrationConfig | None = None, io: IOConfig | None = None,
                     **unknown: Any) -> Registration:
     """Register one sample and write ``registration.json`` + ``registration_qc.png``.
 
     ``xenium``: Xenium output dir (or a XeniumBundle); ``he``: H&E slide path (or a Slide);
     ``alignment``: keypoints CSV or 3×3 matrix CSV (None → image-based); ``regions``: GeoJSON.
     ``cfg`` / ``io``: the typed ``registration`` / ``io`` config sections; when given, their
-    fields replace the keyword settings of the same names (``cfg.mpp_tolerance`` is not used
-    here). Raises :class:`InputError` (and writes nothing) on bad input.
+    fields replace the keyword settings of the same names. The H&E pixel size stated by the sample
+    sheet (``he_mpp``), by the slide's metadata and by the landmark / matrix affine must agree within
+    ``mpp_tolerance`` (relative): a disagreement is an error naming all three values (a wrong he_mpp
+    would silently give tiles of the wrong physical size). Raises :class:`InputError` (and writes
+    nothing) on bad input.
     """
     from morphomol.io.he import open_slide
     from morphomol.io.xenium import XeniumBundle
@@ -124,6 +127,7 @@ def register_sample(*, xenium: Any, he: Any, out_json: str | Path, out_qc: str |
     if cfg is not None:
         robust, outlier_threshold_um, max_rms_um = cfg.robust, cfg.outlier_threshold_um, cfg.max_rms_um
         region_assignment, refine, refine_mpp = cfg.region_assignment, cfg.refine, cfg.refine_mpp
+        mpp_tolerance = cfg.mpp_tolerance
     if io is not None:
         qv_min, batch_size = io.qv_min, io.batch_size
     for k in unknown:
@@ -241,6 +245,10 @@ def register_sample(*, xenium: Any, he: Any, out_json: str | Path, out_qc: str |
             qc.append(RegionQC(fixed_um=np.zeros((0, 2)), residual_um=np.zeros((0, 2)), outliers=[],
                                 bbox_um=_region_bbox(poly, None, full_um or _um_extent(m_all, he_w, he_h))))
 
+    check_mpp_agreement(sample, sheet=he_mpp, slide=slide,
+                        affine=[affine_scale(r.matrix) for r in region_list] if method != "image" else [],
+                        tolerance=float(mpp_tolerance), file=alignment if alignment is not None else he)
+
     # image refinement
     do_refine = dapi is not None and (refine != "never" or method == "image")
     if refine != "never" and dapi is None:
@@ -281,6 +289,38 @@ def register_sample(*, xenium: Any, he: Any, out_json: str | Path, out_qc: str |
     log.info("%s: registration (%s, %d region(s)) written in %.1f s", sample, method, len(region_list),
              time.perf_counter() - t0)
     return reg
+
+
+def affine_scale(m: np.ndarray) -> float:
+    """µm per H&E pixel of an affine H&E px -> µm (square root of the area scale)."""
+    return float(math.sqrt(abs(np.linalg.det(np.asarray(m, float)[:2, :2]))))
+
+
+def check_mpp_agreement(sample: str, *, sheet: Any, slide: Any, affine: Sequence[float], tolerance: float,
+                        file: Any = None) -> None:
+    """InputError when the sample sheet's he_mpp, the slide metadata's µm/px and the affine's scale
+    (median over regions) disagree by more than ``tolerance`` (relative to the smaller value)."""
+    values = {}
+    if sheet is not None:
+        values["sample sheet he_mpp"] = float(sheet)
+    meta = getattr(slide, "meta_mpp", None)
+    if meta is not None:
+        values[f"slide metadata ({getattr(slide, 'meta_mpp_source', 'metadata')})"] = float(meta)
+    if affine:
+        values["landmark/matrix affine"] = float(np.median(np.asarray(affine, float)))
+    if len(values) < 2:
+        return
+    lo, hi = min(values.values()), max(values.values())
+    if hi / lo - 1 > tolerance:
+        stated = "; ".join(f"{k} {v:.4g} µm/px" for k, v in values.items())
+        every = {"sample sheet he_mpp": "not given", "slide metadata": "none", "landmark/matrix affine": "n/a"}
+        for k in values:
+            every.pop(k.split(" (")[0], None)
+        missing = "".join(f"; {k} {v}" for k, v in every.items())
+        raise InputError(f"sample {sample}: the H&E pixel size disagrees by {100 * (hi / lo - 1):.0f}%: {stated}"
+                         f"{missing}", file=file, field="he_mpp",
+                         expected=f"agreement within registration.mpp_tolerance ({100 * tolerance:.0f}%): fix or "
+                                  "remove he_mpp in the sample sheet")
 
 
 def _f(v: float | None) -> str:

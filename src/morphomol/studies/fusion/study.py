@@ -33,7 +33,7 @@ def check_tile_geometry(tile_px: int, stride_px: int, grid: int, *, file: Any = 
 
 
 def check_panel_genes(cohort: Any, *, workdir: Path) -> None:
-    from morphomol.io.xenium import CONTROL_PREFIXES, XeniumBundle, is_control
+    from morphomol.io.xenium_layout import CONTROL_PREFIXES, is_control, read_gene_panel
 
     panel = cohort.panel
     if panel is None:
@@ -49,7 +49,7 @@ def check_panel_genes(cohort: Any, *, workdir: Path) -> None:
         xdir = cohort.field(sid, "xenium_dir")
         if not xdir:
             continue
-        targets = XeniumBundle.panel_targets(workdir / xdir)
+        targets = read_gene_panel(workdir / xdir)
         if targets is None:
             continue
         have = set(targets)

@@ -1,4 +1,4 @@
-"""Stores written by the tile/tokens stages, read back through the chunk-shuffling loader."""
+"""Stores written by the tile/tokens stages, read back through the chunk-shuffling loader (morphomol.data)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,13 @@ import pandas as pd
 import pytest
 import torch
 
-from morphomol import store, tokens
+from morphomol import tokens
+from morphomol.config import IOConfig, SplitsConfig
+from morphomol.data import loader as store
+from morphomol.data.folds import read_split
+from morphomol.data.stores import SampleStore, StorePaths, load_tile_arrays, tokens_to_dense
 from morphomol.errors import InputError
-from morphomol.splits import splits_cohort
+from morphomol.splits import split_fold
 from morphomol.tiling import tile_sample
 from test_tiling import GENES, SMALL, make_sample
 
@@ -30,15 +34,33 @@ def cohort(tmp_path_factory):
         tile_sample(he_path=src["he"], registration=src["registration"], xenium_dir=src["xenium"],
                     out_table=d / "tiles.parquet", out_store=d / "tiles.zarr", **SMALL)
         tokens.tokens_sample(tiles=d / "tiles.parquet", tiles_store=d / "tiles.zarr", registration=src["registration"],
-                             xenium_dir=src["xenium"], out_tokens=d / "tokens.zarr", out_counts=d / "counts.h5ad",
-                             out_targets=d / "targets.parquet", panel=PANEL, batch_size=5000, buffer_size=9000)
-        tiles.append(d / "tiles.parquet")
-    splits_cohort(tiles=tiles, samples=samples, patients=patients,
-                  out=[cdir / f"splits/fold{k}.parquet" for k in range(3)], n_folds=3, val_fraction=0.5, seed=0)
+                             xenium_dir=src["xenium"], out_tokens=d / "tokens.zarr", out_units=d / "units.h5ad",
+                             panel=PANEL, patient=patients[i], io=IOConfig(qv_min=20.0, batch_size=5000),
+                             buffer_size=9000)
+        tiles.append(d / "units.h5ad")
+    for k in range(3):
+        split_fold(units=tiles, samples=samples, patients=patients, fold=k, out=cdir / f"splits/fold{k}.parquet",
+                   cfg=SplitsConfig(n_folds=3, val_fraction=0.5), seed=0)
     (cdir / "panels").mkdir()
     for k in range(3):
         (cdir / f"panels/fold{k}.json").write_text(json.dumps(PANEL))
     return cdir
+
+
+def stores(cohort: Path) -> dict[str, StorePaths]:
+    return {s.name: StorePaths(s / "tokens.zarr", s / "tiles.zarr") for s in sorted((cohort / "samples").iterdir())}
+
+
+def sample_store(cohort: Path, s: str) -> SampleStore:
+    return SampleStore(stores(cohort)[s])
+
+
+def split_of(cohort: Path, fold: int) -> pd.DataFrame:
+    return read_split(cohort / f"splits/fold{fold}.parquet")
+
+
+def loader(cohort: Path, fold: int, partition, panel=None, **kw):
+    return store.make_loader(split_of(cohort, fold), panel or PANEL, stores(cohort), partition, **kw)
 
 
 def test_tokens_outputs(cohort):
@@ -46,19 +68,19 @@ def test_tokens_outputs(cohort):
 
     d = cohort / "samples" / "B"
     t = pd.read_parquet(d / "tiles.parquet")
-    st = store.SampleStore(d)
+    st = sample_store(cohort, "B")
     tc = st.read_tile_counts()
     np.testing.assert_array_equal(tc.sum(axis=1), t["n_transcripts"])
     ip, tk, gn, ct = st.read_tokens(0, st.n_tiles)
-    dense = store.tokens_to_dense(ip, tk, gn, ct, np.arange(len(st.genes)), len(st.genes))
+    dense = tokens_to_dense(ip, tk, gn, ct, np.arange(len(st.genes)), len(st.genes))
     np.testing.assert_array_equal(dense.sum(axis=1), tc)
     assert tk.max() < 196 and st.genes == GENES
-    a = ad.read_h5ad(d / "counts.h5ad")
+    a = ad.read_h5ad(d / "units.h5ad")  # the unit table: obs = tiles, obsm spatial in µm, X = counts
     assert list(a.obs_names) == list(t["tile_id"]) and "n_transcripts" in a.obs
+    assert set(a.obs["sample_id"]) == {"B"} and set(a.obs["patient_id"]) == {"P1"}
+    np.testing.assert_allclose(a.obsm["spatial"], t[["x_um", "y_um"]].to_numpy())
     np.testing.assert_array_equal(a.X.toarray(), tc)
-    tg = pd.read_parquet(d / "targets.parquet")
-    assert list(tg.columns) == ["tile_id"] + GENES[8:]
-    np.testing.assert_array_equal(tg[GENES[8:]].to_numpy(), tc[:, 8:])
+    assert not (d / "targets.parquet").exists()  # targets come from one artifact (tokens.zarr tile_counts)
 
 
 def _epoch(loader, epoch=None):
@@ -68,9 +90,9 @@ def _epoch(loader, epoch=None):
 
 
 def test_loader_covers_partition_and_matches_stores(cohort):
-    split = store.load_split(cohort, 0)
+    split = split_of(cohort, 0)
     fit = split[split.partition == "fit"]
-    ld = store.make_loader(cohort, 0, "fit", batch_size=16, shuffle=True, seed=3, buffer_chunks=2)
+    ld = loader(cohort, 0, "fit", batch_size=16, shuffle=True, seed=3, buffer_chunks=2)
     batches = _epoch(ld, 0)
     assert len(batches) == len(ld) == -(-len(fit) // 16)
     ids = [i for b in batches for i in b["tile_id"]]
@@ -82,20 +104,20 @@ def test_loader_covers_partition_and_matches_stores(cohort):
     assert b["tile_counts"].shape == (B, 8) and b["targets"].shape == (B, 4)
     for j in (0, B - 1):
         s, idx = b["tile_id"][j].split("__")
-        st = store.SampleStore(cohort / "samples" / s)
+        st = sample_store(cohort, s)
         i = int(idx)
         assert int(b["index"][j]) == i
         np.testing.assert_array_equal(b["image"][j].numpy(), st.read_images(i, i + 1)[0])
         tc = st.read_tile_counts(i, i + 1)[0]
         np.testing.assert_array_equal(b["tile_counts"][j].numpy(), tc[:8])
         np.testing.assert_allclose(b["targets"][j].numpy(), np.log1p(tc[8:]), rtol=1e-6)
-        ref = store.tokens_to_dense(*st.read_tokens(i, i + 1), np.arange(8), len(st.genes))[0]
+        ref = tokens_to_dense(*st.read_tokens(i, i + 1), np.arange(8), len(st.genes))[0]
         np.testing.assert_array_equal(b["tokens"][j].numpy(), ref)
 
 
 def test_shuffle_is_epoch_deterministic_and_workers_agree(cohort):
-    mk = lambda w, fmt="dense": store.make_loader(cohort, 0, ["fit", "val"], batch_size=16, seed=1, num_workers=w,
-                                                  buffer_chunks=2, token_format=fmt, images=False)
+    mk = lambda w, fmt="dense": loader(cohort, 0, ["fit", "val"], batch_size=16, seed=1, num_workers=w,
+                                       buffer_chunks=2, token_format=fmt, images=False)
     l0 = mk(0)
     e0 = [b["tile_id"] for b in _epoch(l0, 0)]
     e0b = [b["tile_id"] for b in _epoch(l0, 0)]
@@ -116,23 +138,23 @@ def test_shuffle_is_epoch_deterministic_and_workers_agree(cohort):
 
 
 def test_eval_order_and_tile_arrays(cohort):
-    ld = store.make_loader(cohort, 1, "test", batch_size=10, shuffle=False, images=False, tokens=False)
+    ld = loader(cohort, 1, "test", batch_size=10, shuffle=False, images=False, tokens=False)
     ids = [i for b in ld for i in b["tile_id"]]
-    split = store.load_split(cohort, 1)
+    split = split_of(cohort, 1)
     assert ids == list(split.loc[split.partition == "test", "tile_id"])
-    ta = store.load_tile_arrays(cohort, 1)
+    ta = load_tile_arrays(split, PANEL, stores(cohort))
     assert ta.core.shape == (len(split), 8) and ta.targets.shape == (len(split), 4)
     te = ta.subset("test")
     assert list(te.tile_id) == ids
-    first = next(iter(store.make_loader(cohort, 1, "test", batch_size=10, shuffle=False, images=False)))
+    first = next(iter(loader(cohort, 1, "test", batch_size=10, shuffle=False, images=False)))
     np.testing.assert_array_equal(first["tile_counts"].numpy(), te.core[:10])
     np.testing.assert_allclose(first["targets"].numpy(), te.targets[:10], rtol=1e-6)
     with pytest.raises(InputError, match="not in this sample"):
-        store.make_loader(cohort, 1, "test", panel={"core": ["NOPE"], "addon": ["G09"]}, shuffle=False).__iter__().__next__()
+        loader(cohort, 1, "test", panel={"core": ["NOPE"], "addon": ["G09"]}, shuffle=False).__iter__().__next__()
 
 
 def test_direct_chunk_reads_match_zarr(cohort):
-    st = store.SampleStore(cohort / "samples" / "A")
+    st = sample_store(cohort, "A")
     n, C = st.n_tiles, st.chunk_tiles
     rd = st.image_chunks
     assert rd.base is not None  # the writers' layout takes the direct path
@@ -152,8 +174,8 @@ def test_direct_chunk_reads_match_zarr(cohort):
 
 def test_worker_batches_equal_in_process_batches(cohort):
     """Workers build batches in shared memory; contents must equal the in-process ones."""
-    mk = lambda w, fmt: store.make_loader(cohort, 0, "fit", batch_size=16, seed=2, num_workers=w, buffer_chunks=2,
-                                         token_format=fmt)
+    mk = lambda w, fmt: loader(cohort, 0, "fit", batch_size=16, seed=2, num_workers=w, buffer_chunks=2,
+                               token_format=fmt)
     ref = {tuple(b["tile_id"]): b for b in _epoch(mk(0, "dense"), 1)}
     for fmt in ("dense", "coo"):
         got = _epoch(mk(2, fmt), 1)
