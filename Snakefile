@@ -21,6 +21,9 @@ include: "workflow/rules/splits.smk"
 include: "workflow/rules/features.smk"
 # studies
 include: "workflow/rules/fusion.smk"
+include: "workflow/rules/spots.smk"
+include: "workflow/rules/cells.smk"
+include: "workflow/rules/slides.smk"
 
 
 report: "workflow/report/workflow.rst"

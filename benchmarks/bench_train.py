@@ -139,7 +139,7 @@ def main() -> None:
         data = fold_from_stores(FoldInputs(
             split=cdir / "splits" / f"fold{a.fold}.parquet", panel=cdir / "fusion" / "panels" / f"fold{a.fold}.json",
             tokens={s: cdir / "samples" / s / "tokens.zarr" for s in samples},
-            tiles={s: cdir / "samples" / s / "tiles.zarr" for s in samples}))
+            tiles={s: cdir / "samples" / s / "images.zarr" for s in samples}))
         fit = data.fit
         n_core, n_targets = len(data.core_genes), len(data.addon_genes)
 

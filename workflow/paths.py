@@ -11,7 +11,7 @@ Layout::
     results/{cohort}/simulated/{sample}/            simulated inputs (demo cohorts)
     results/{cohort}/samples/{sample}/              per-sample artifacts (the unit-table contract)
         qc/  registration.json  registration_qc.png
-        tiles.parquet  tiles.zarr  tiles_qc.png     unit geometry + image store
+        tiles.parquet  images.zarr  tiles_qc.png     unit geometry + image store
         tokens.zarr                                 transcripts pooled per ViT token (fusion)
         units.h5ad                                  unit table: obs = units, obsm['spatial'] µm, X = counts
     results/{cohort}/features/{encoder}/{sample}.zarr   frozen features, rows = units
@@ -55,8 +55,8 @@ class WorkflowPaths:
     def tiles(self, cohort: str = W["cohort"], sample: str = W["sample"]) -> str:
         return f"{self.sample_dir(cohort, sample)}/tiles.parquet"
 
-    def tile_store(self, cohort: str = W["cohort"], sample: str = W["sample"]) -> str:
-        return f"{self.sample_dir(cohort, sample)}/tiles.zarr"
+    def image_store(self, cohort: str = W["cohort"], sample: str = W["sample"]) -> str:
+        return f"{self.sample_dir(cohort, sample)}/images.zarr"
 
     def tiles_qc(self, cohort: str = W["cohort"], sample: str = W["sample"]) -> str:
         return f"{self.sample_dir(cohort, sample)}/tiles_qc.png"

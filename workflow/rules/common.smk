@@ -1,5 +1,5 @@
-# Shared by every rule file: the typed configuration, the results paths, wildcard constraints and
-# the input functions every stage uses. Building the DAG imports no torch (config, settings and the
+# Shared by every rules file: the typed configuration, the results paths, wildcard constraints and
+# the input functions of the shared stages. Building the DAG imports no torch (config, settings and the
 # encoder registry are torch-free).
 import re
 import sys
@@ -130,6 +130,36 @@ def xenium_inputs(*names):
         return {n: str(found[n]) for n in names if n in found}
 
     return get
+
+
+def register_inputs(w):
+    """the bundle's files and the H&E always; alignment / regions when the sample sheet names them."""
+    files = {**xenium_inputs("experiment", "transcripts", "morphology")(w), "he": sample_field("he_path")(w)}
+    for col in ("alignment", "regions"):
+        value = sample_field(col)(w)
+        if value:
+            files[col] = value
+    return files
+
+
+# ------------------------------------------------------------------ feature cache
+def feature_encoders(cohort):
+    """Encoders whose cached features are extracted (configured, and with weights when they need them)."""
+    from morphomol.encoders.registry import get_spec
+
+    c = cfg_of(cohort)
+    return [e for e in c.features.encoders if not (get_spec(e).requires_weights and not c.weights(e))]
+
+
+def features_inputs(w):
+    from morphomol.encoders.registry import get_spec
+
+    expression = get_spec(w.encoder).kind == "expression"
+    inputs = {"store": P.tokens(w.cohort, w.sample) if expression else P.image_store(w.cohort, w.sample)}
+    weights = cfg_of(w).weights(w.encoder)
+    if weights:
+        inputs["weights"] = weights
+    return inputs
 
 
 def all_targets():

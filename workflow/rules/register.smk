@@ -3,19 +3,9 @@
 # outlier flagging, image refinement. Bad input -> InputError in the log, no outputs.
 
 
-def _register_inputs(w):
-    """the bundle's files and the H&E always; alignment / regions when the sample sheet names them."""
-    files = {**xenium_inputs("experiment", "transcripts", "morphology")(w), "he": sample_field("he_path")(w)}
-    for col in ("alignment", "regions"):
-        value = sample_field(col)(w)
-        if value:
-            files[col] = value
-    return files
-
-
 rule register:
     input:
-        unpack(_register_inputs),
+        unpack(register_inputs),
     output:
         registration=P.registration(),
         qc=report(

@@ -1,5 +1,5 @@
 # Per-sample tissue detection and tiling: tiles.parquet (geometry, transcript counts) and the
-# image store tiles.zarr (512 px @ 0.5 µm/px tiles resized to 224 px, chunked for the loader).
+# image store images.zarr (512 px @ 0.5 µm/px tiles resized to 224 px, chunked for the loader).
 
 
 rule tile:
@@ -9,7 +9,7 @@ rule tile:
         he=sample_field("he_path"),
     output:
         tiles=P.tiles(),
-        store=directory(P.tile_store()),
+        store=directory(P.image_store()),
         qc=report(
             P.tiles_qc(),
             caption="../report/tiles_qc.rst",

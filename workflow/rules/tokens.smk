@@ -7,7 +7,7 @@ rule tokens:
     input:
         unpack(xenium_inputs("experiment", "transcripts")),
         tiles=P.tiles(),
-        store=P.tile_store(),
+        store=P.image_store(),
         registration=P.registration(),
     output:
         tokens=directory(P.tokens()),

@@ -42,6 +42,9 @@ def register_kind(kind: CohortKind) -> CohortKind:
 
 
 def get_kind(name: str, *, file: object = None) -> CohortKind:
+    from morphomol.studies import list_studies
+
+    list_studies()  # the studies register the cohort kinds they bring
     try:
         return _KINDS[name]
     except KeyError:
@@ -50,6 +53,9 @@ def get_kind(name: str, *, file: object = None) -> CohortKind:
 
 
 def kinds() -> dict[str, CohortKind]:
+    from morphomol.studies import list_studies
+
+    list_studies()
     return dict(_KINDS)
 
 

@@ -34,6 +34,21 @@ def _schema(path: str) -> dict[str, Any]:
         return yaml.safe_load(fh)
 
 
+def _registry() -> Any:
+    """Resolves ``$ref: "<file>.schema.yaml"`` to the schema files of :data:`SCHEMA_DIR` (each study's
+    config section lives in its own ``study.<name>.schema.yaml``)."""
+    from referencing import Registry, Resource
+    from referencing.jsonschema import DRAFT202012
+
+    def retrieve(uri: str) -> Any:
+        path = SCHEMA_DIR / uri
+        if not path.is_file():
+            raise FileNotFoundError(f"schema {uri} not found in {SCHEMA_DIR}")
+        return Resource.from_contents(_schema(str(path)), default_specification=DRAFT202012)
+
+    return Registry(retrieve=retrieve)
+
+
 def _validator(schema_path: Path, set_defaults: bool) -> Any:
     import jsonschema
 
@@ -49,7 +64,7 @@ def _validator(schema_path: Path, set_defaults: bool) -> Any:
             yield from validate_props(validator, properties, instance, schema)
 
         cls = jsonschema.validators.extend(cls, {"properties": set_default})
-    return cls(_schema(str(schema_path)))
+    return cls(_schema(str(schema_path)), registry=_registry())
 
 
 def _path_of(err: Any) -> str:

@@ -14,6 +14,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from morphomol.studies.cells.config import CellsConfig
+from morphomol.studies.slides.config import SlidesConfig
+from morphomol.studies.spots.config import SpotsConfig
+
 
 @dataclass(frozen=True)
 class IOConfig:
@@ -168,6 +172,9 @@ class Sections:
     training: TrainingConfig
     experiments: ExperimentsConfig
     tables: TablesConfig
+    spots: SpotsConfig
+    cells: CellsConfig
+    slides: SlidesConfig
     resources: ResourcesConfig
 
     def encoder(self, name: str) -> EncoderConfig:

@@ -31,7 +31,7 @@ class StudySpec:
 
 _STUDIES: dict[str, StudySpec] = {}
 #: modules whose import registers a built-in study (``morphomol.studies.<name>.study``)
-BUILTIN = ("fusion",)
+BUILTIN = ("fusion", "spots", "cells", "slides")
 _loaded = False
 
 

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from morphomol.config.sections import ModelConfig, ViTConfig
+from morphomol.models.groups import head_backbone_groups
 from morphomol.models.contrastive import clip_loss, init_logit_scale, logit_scale_value
 from morphomol.models.mlp import ExprMLP
 from morphomol.models.vit import ViTEncoder
@@ -157,13 +158,7 @@ class MorphoMolModel(nn.Module):
     # ---- optimisation
     def param_groups(self, lr_head: float, lr_backbone: float) -> list[dict[str, Any]]:
         """AdamW groups: ``backbone`` (trainable ViT, lr_backbone) and ``head`` (head + expression encoder)."""
-        backbone = [p for p in self.vit.parameters() if p.requires_grad] if self.vit is not None else []
-        ids = {id(p) for p in backbone}
-        head = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
-        groups = [{"name": "head", "params": head, "lr": lr_head}]
-        if backbone:
-            groups.append({"name": "backbone", "params": backbone, "lr": lr_backbone})
-        return groups
+        return head_backbone_groups(self, self.vit, lr_head, lr_backbone)
 
     def param_counts(self) -> dict[str, int]:
         """Parameter counts in the spirit of Table A.3 (cached frozen encoders are not counted)."""
@@ -230,13 +225,7 @@ class ClipModel(nn.Module):
         return logit_scale_value(self.logit_scale)
 
     def param_groups(self, lr_head: float, lr_backbone: float) -> list[dict[str, Any]]:
-        backbone = [p for p in self.vit.parameters() if p.requires_grad]
-        ids = {id(p) for p in backbone}
-        head = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
-        groups = [{"name": "head", "params": head, "lr": lr_head}]
-        if backbone:
-            groups.append({"name": "backbone", "params": backbone, "lr": lr_backbone})
-        return groups
+        return head_backbone_groups(self, self.vit, lr_head, lr_backbone)
 
 
 def build_clip_model(setting: ModelSetting, n_core: int, model_cfg: ModelConfig, *,

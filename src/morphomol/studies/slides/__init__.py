@@ -1,0 +1,1 @@
+"""The slides study (seed 003): slide-level contrastive alignment of frozen H&E and RNA encoders."""
