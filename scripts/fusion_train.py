@@ -1,5 +1,6 @@
 # Adapter of rules `fusion_train`, `fusion_train_cpu`, `fusion_min_mae`, `fusion_clip`
-# (workflow/rules/fusion.smk): one typed call.
+# (workflow/rules/fusion.smk): one typed call. A job given N GPUs (resources gpu=N, from
+# resources.train_gpus) trains data-parallel in N torchrun processes (morphomol.train.ddp).
 from pathlib import Path
 
 from morphomol.config import ModelConfig, TrainingConfig, typed
@@ -27,10 +28,13 @@ def main(smk):
         predictions=Path(out.predictions) if "predictions" in out.keys() else None,
         checkpoint=Path(out.checkpoint) if "checkpoint" in out.keys() else None,
         checkpoint_meta=Path(out.checkpoint_meta) if "checkpoint_meta" in out.keys() else None)
+    processes = max(1, int(dict(smk.resources.items()).get("gpu", 1) or 1))
     run_setting(ModelSetting.from_dict(smk.wildcards.setting, p.setting), inputs, outputs,
                 fold=int(smk.wildcards.fold), training=typed(TrainingConfig, p.training),
                 model=typed(ModelConfig, p.model), weights=p.weights,
-                runtime=Runtime(seed=int(p.seed), threads=int(smk.threads), num_workers=p.num_workers))
+                runtime=Runtime(seed=int(p.seed), threads=max(1, int(smk.threads) // processes),
+                                num_workers=p.num_workers),
+                processes=processes)
 
 
 run(main)

@@ -232,6 +232,7 @@ def test_features_writer_is_all_or_nothing(tmp_path):
 
 # what features.smk takes from common.smk, for a config of section overrides (no cohort files)
 SNAKEFILE = """
+import re
 import sys
 sys.path.insert(0, "{repo}/workflow")
 from paths import WorkflowPaths
@@ -240,8 +241,11 @@ from morphomol.config.sections import to_plain
 configfile: "config.yaml"
 P = WorkflowPaths()
 CFG = default_sections(**config)
+COHORTS = {{"demo": None}}
 def cfg_of(w):
     return CFG
+def samples_of(cohort):
+    return ["s1", "s2"]
 def section(name):
     return lambda w: to_plain(getattr(CFG, name))
 def resource(name):
@@ -256,9 +260,10 @@ def test_features_rule_through_snakemake(store, tmp_path):
     if not snakemake.exists():
         pytest.skip("snakemake not installed in this environment")
     path, _ = store
-    sdir = tmp_path / "results/demo/samples/s1"
-    sdir.mkdir(parents=True)
-    shutil.copytree(path, sdir / "tiles.zarr")
+    for s in ("s1", "s2"):
+        sdir = tmp_path / f"results/demo/samples/{s}"
+        sdir.mkdir(parents=True)
+        shutil.copytree(path, sdir / "images.zarr")
     enc = create_encoder("vit_s", seed=2, **TINY)
     save_weights(enc, tmp_path / "weights/vit.safetensors")
     cfg = {"features": {"batch_size": 8, "device": "cpu"}, "model": {"vit": TINY},
@@ -273,8 +278,9 @@ def test_features_rule_through_snakemake(store, tmp_path):
     feats, attrs = read_features(tmp_path / target)
     assert feats.shape == (20, 32)
     assert attrs["weights_sha256"] == hashlib.sha256((tmp_path / "weights/vit.safetensors").read_bytes()).hexdigest()
-    log = (tmp_path / "results/demo/logs/features/vit_s/s1.log").read_text()
+    log = (tmp_path / "results/demo/logs/features/vit_s/group0.log").read_text()
     assert "20/20 tiles" in log
+    assert read_features(tmp_path / "results/demo/features/vit_s/s2.zarr")[0].shape == (20, 32)  # one job, both
     # the weights are an input: a new weights file makes the job out of date
     save_weights(create_encoder("vit_s", seed=3, **TINY), tmp_path / "weights/vit.safetensors")
     r = subprocess.run([str(snakemake), "-n", "-d", str(tmp_path), "-s", str(tmp_path / "Snakefile"), target],

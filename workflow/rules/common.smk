@@ -151,17 +151,6 @@ def feature_encoders(cohort):
     return [e for e in c.features.encoders if not (get_spec(e).requires_weights and not c.weights(e))]
 
 
-def features_inputs(w):
-    from morphomol.encoders.registry import get_spec
-
-    expression = get_spec(w.encoder).kind == "expression"
-    inputs = {"store": P.tokens(w.cohort, w.sample) if expression else P.image_store(w.cohort, w.sample)}
-    weights = cfg_of(w).weights(w.encoder)
-    if weights:
-        inputs["weights"] = weights
-    return inputs
-
-
 def all_targets():
     """Default target: every study's outputs for every cohort that runs it."""
     out = []

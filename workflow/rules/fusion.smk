@@ -63,7 +63,7 @@ rule fusion_train:
         P.log("fusion_train", "{setting}", "fold{fold}"),
     threads: resource("train_threads")
     resources:
-        gpu=1,
+        gpu=resource("train_gpus"),  # > 1: data-parallel (DDP) in that many torchrun processes
         mem_mb=resource("gpu_mem_mb"),
         runtime=resource("train_runtime_min"),
     conda:
@@ -129,7 +129,7 @@ rule fusion_clip:
         P.log("fusion_train", "{setting}", "fold{fold}"),
     threads: resource("train_threads")
     resources:
-        gpu=1,
+        gpu=resource("train_gpus"),  # > 1: data-parallel (DDP) in that many torchrun processes
         mem_mb=resource("gpu_mem_mb"),
         runtime=resource("train_runtime_min"),
     conda:

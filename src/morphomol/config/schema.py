@@ -44,7 +44,9 @@ def _registry() -> Any:
         path = SCHEMA_DIR / uri
         if not path.is_file():
             raise FileNotFoundError(f"schema {uri} not found in {SCHEMA_DIR}")
-        return Resource.from_contents(_schema(str(path)), default_specification=DRAFT202012)
+        # without its own "$schema", the referenced file is validated by *this* (defaults-filling) validator
+        contents = {k: v for k, v in _schema(str(path)).items() if k != "$schema"}
+        return Resource.from_contents(contents, default_specification=DRAFT202012)
 
     return Registry(retrieve=retrieve)
 

@@ -82,6 +82,8 @@ class FeaturesConfig:
     encoders: tuple[str, ...]
     device: str
     patch_tokens: bool
+    read_threads: int = 2       # decode threads of the extraction's reader
+    group_size: int = 1         # samples per features job (one model load per job; finished samples skipped)
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,12 @@ class TrainingConfig:
     clip_batch_size: int | None  # None in the config of runs that do not use it (non-CLIP training jobs)
     buffer_chunks: int
     compile: bool
+    # issue 19 (defaults here = the behaviour before them; the schema's defaults apply to config runs)
+    loader: str = "auto"              # auto | feed | workers (morphomol.train.runtime.loader_threads)
+    loader_threads: int | None = None  # decode threads of the feed (None: num_workers)
+    buffer_batches: int = 0           # the shuffle buffer holds at least this many batches
+    validate_every: int = 1           # validate (and select / stop early) every k epochs and after the last
+    checkpoint_every: int = 1         # write resume.pt every k epochs (always on SIGTERM), in the background
 
 
 @dataclass(frozen=True)
@@ -152,6 +160,7 @@ class ResourcesConfig:
     gpu_mem_mb: int
     train_runtime_min: int
     train_threads: int
+    train_gpus: int = 1  # GPUs (DDP processes through torchrun) per GPU training job
 
 
 @dataclass(frozen=True)

@@ -109,12 +109,24 @@ class SampleStore:
             self._tok_readers[name] = ChunkReader(self._open_tokens()[name])
         return self._tok_readers[name]
 
-    def read_tokens(self, i0: int, i1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(local indptr (n+1,), token uint8, gene uint16, count) for tiles [i0, i1)."""
+    def read_tokens(self, i0: int, i1: int, bufs: dict[str, np.ndarray] | None = None,
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(local indptr (n+1,), token uint8, gene uint16, count) for tiles [i0, i1). ``bufs``
+        (reused buffers, loader): ``token`` / ``gene`` / ``count`` arrays are read into them,
+        replaced by larger ones when too small."""
         ip = self.indptr
         a, b = int(ip[i0]), int(ip[i1])
-        return (ip[i0:i1 + 1] - a, self._tok_reader("token").read_range(a, b),
-                self._tok_reader("gene").read_range(a, b), self._tok_reader("count").read_range(a, b))
+        arrays = []
+        for name in ("token", "gene", "count"):
+            r = self._tok_reader(name)
+            if bufs is None:
+                arrays.append(r.read_range(a, b))
+                continue
+            buf = bufs.get(name)
+            if buf is None or len(buf) < b - a or buf.dtype != r.dtype:
+                buf = bufs[name] = np.empty(max(b - a, int(1.25 * (b - a))), r.dtype)
+            arrays.append(r.read_range(a, b, out=buf))
+        return (ip[i0:i1 + 1] - a, *arrays)
 
     def read_tile_counts(self, i0: int | None = None, i1: int | None = None) -> np.ndarray:
         r = self._tok_reader("tile_counts")

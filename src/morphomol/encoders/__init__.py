@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 # the family modules register their encoders on import (torch-free)
-from morphomol.encoders import conch, geneformer, hf_vit, loki, timm_vit  # noqa: F401
+from morphomol.encoders import bulk_rna, conch, geneformer, hf_vit, loki, timm_vit  # noqa: F401
 from morphomol.encoders.registry import (
     CLIP_MEAN,
     CLIP_STD,

@@ -118,3 +118,52 @@ def load_resume(path: Path, fp: Mapping[str, str]) -> dict[str, Any] | None:
 def save_resume(path: Path, payload: dict[str, Any]) -> None:
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
+
+
+def detached(obj: Any) -> Any:
+    """A copy of ``obj`` whose tensors are CPU copies (safe to write while training goes on)."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: detached(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(detached(v) for v in obj)
+    return obj
+
+
+class ResumeWriter:
+    """Writes ``resume.pt`` in a background thread: the caller hands over a payload of copies
+    (:func:`detached`, ``cpu_state``), the serialisation and the write (hundreds of MB for a ViT
+    with AdamW state) overlap the next epoch. One write at a time; :meth:`save_now` (a stop signal)
+    waits for a pending one and writes synchronously; :meth:`close` waits (a write error is raised
+    there)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def _run(self, payload: dict[str, Any]) -> None:
+        try:
+            save_resume(self.path, payload)
+        except BaseException as exc:  # surfaced in wait()
+            self._error = exc
+
+    def submit(self, payload: dict[str, Any]) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=self._run, args=(payload,), name="resume-writer", daemon=True)
+        self._thread.start()
+
+    def save_now(self, payload: dict[str, Any]) -> None:
+        self.wait()
+        save_resume(self.path, payload)
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    close = wait

@@ -25,12 +25,36 @@ class Runtime:
     num_workers: int | None = None
 
     def resolved_device(self) -> torch.device:
+        """The run's device; in a data-parallel run on CUDA, the process's own GPU (``LOCAL_RANK``)."""
         if self.device in ("", "auto"):
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+            dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            dev = torch.device(self.device)
+        if dev.type == "cuda" and dev.index is None and torch.distributed.is_available() \
+                and torch.distributed.is_initialized():
+            dev = torch.device("cuda", torch.cuda.current_device())
+        return dev
 
     def workers(self, configured: int) -> int:
         return int(configured if self.num_workers is None else self.num_workers)
+
+
+def loader_threads(training: Any, runtime: Runtime, device: torch.device) -> int | None:
+    """Decode threads of the store feed for a run (``None``: DataLoader worker processes).
+
+    ``training.loader``: ``feed`` -> ``loader_threads`` (default: the run's worker count) threads;
+    ``workers`` -> None; ``auto`` -> the feed on CUDA and when loading in process (0 workers: decoded
+    in the training thread), worker processes otherwise (the CPU behaviour before the feed).
+    """
+    workers = runtime.workers(training.num_workers)
+    mode = getattr(training, "loader", "auto")
+    configured = getattr(training, "loader_threads", None)
+    n = int(configured if configured is not None else workers)
+    if mode == "workers":
+        return None
+    if mode == "feed" or device.type == "cuda" or workers == 0:
+        return n
+    return None
 
 
 def _set_deterministic(mode: bool) -> None:

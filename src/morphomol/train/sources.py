@@ -8,6 +8,12 @@ float32 (B, D). Models apply ``log1p`` to counts themselves.
 
 Determinism: with ``shuffle`` the order of epoch ``e`` depends only on ``(seed, e)`` (and, for the
 store loader, its chunk layout); ``skip`` drops the first batches (a mid-epoch resume).
+
+Optional keywords: a source lists in ``epoch_options`` the optional keywords its ``epoch`` takes
+(the trainer passes only those): ``device`` (batches delivered on the device; a batch may then
+live in reused buffers, valid until the next batch is asked for), ``threads`` (decode threads of
+the store feed), ``shard=(rank, world)`` (data-parallel training: this process's part of every
+batch; the parts of all ranks are the batches of one process, each unit once).
 """
 
 from __future__ import annotations
@@ -38,6 +44,18 @@ class BatchSource(Protocol):
               pin_memory: bool = False) -> Iterable[dict[str, Any]]: ...
 
 
+def epoch_options(ds: Any) -> frozenset[str]:
+    """The optional ``epoch`` keywords a source supports (see the module doc)."""
+    return frozenset(getattr(ds, "epoch_options", ()))
+
+
+def shard_rows(idx: np.ndarray, shard: tuple[int, int] | None) -> np.ndarray:
+    """Part ``rank`` of ``world`` near-equal contiguous parts of one batch's rows."""
+    if shard is None or shard[1] <= 1:
+        return idx
+    return np.array_split(np.asarray(idx), shard[1])[shard[0]]
+
+
 def epoch_batches(ds: Any, batch_size: int, seed: int, epoch: int, *, shuffle: bool = True,
                   drop_last: bool = False) -> list[np.ndarray]:
     """Index batches of one epoch over ``len(ds)`` rows; the order depends only on ``(seed, epoch)``."""
@@ -60,6 +78,8 @@ class _BatchList(torch.utils.data.Dataset):
 
 class InMemoryTiles:
     """The batch contract over in-memory numpy arrays (tests, benchmarks, small cohorts)."""
+
+    epoch_options = frozenset({"shard"})
 
     def __init__(self, tile_ids: Sequence[str], **arrays: np.ndarray | None) -> None:
         self.tile_ids = list(tile_ids)
@@ -84,9 +104,10 @@ class InMemoryTiles:
         return out
 
     def epoch(self, epoch: int, *, batch_size: int, fields: Sequence[str], seed: int = 0, shuffle: bool = True,
-              drop_last: bool = False, skip: int = 0, num_workers: int = 0,
-              pin_memory: bool = False) -> Iterable[dict[str, Any]]:
+              drop_last: bool = False, skip: int = 0, num_workers: int = 0, pin_memory: bool = False,
+              shard: tuple[int, int] | None = None) -> Iterable[dict[str, Any]]:
         batches = epoch_batches(self, batch_size, seed, epoch, shuffle=shuffle, drop_last=drop_last)[skip:]
+        batches = [shard_rows(b, shard) for b in batches]
         if num_workers <= 0 or not batches:
             return (self.get_batch(b, fields) for b in batches)
         return torch.utils.data.DataLoader(_BatchList(self, batches, fields), batch_size=None, shuffle=False,
@@ -102,6 +123,7 @@ class WithFeatures:
 
     def __init__(self, base: BatchSource, features: Mapping[str, np.ndarray]) -> None:
         self.base = base
+        self.epoch_options = epoch_options(base)
         self.features = dict(features)
         self.tile_ids = base.tile_ids
         self.row = {t: i for i, t in enumerate(base.tile_ids)}
@@ -117,10 +139,15 @@ class WithFeatures:
 
     def epoch(self, epoch: int, *, batch_size: int, fields: Sequence[str], **kw: Any) -> Iterator[dict[str, Any]]:
         own = [f for f in fields if f in self.features]
+        dev = kw.get("device")
+        cuda = dev is not None and torch.device(dev).type == "cuda"
         for batch in self.base.epoch(epoch, batch_size=batch_size, fields=[f for f in fields if f not in own], **kw):
             rows = np.fromiter((self.row[t] for t in batch["tile_id"]), np.int64, len(batch["tile_id"]))
             for f in own:
-                batch[f] = torch.from_numpy(self.features[f][rows])
+                t = torch.from_numpy(self.features[f][rows])
+                # to the device from page-locked memory: a copy from pageable memory would wait for the
+                # device to drain the previous step
+                batch[f] = t.pin_memory().to(dev, non_blocking=True) if cuda else t
             yield batch
 
 

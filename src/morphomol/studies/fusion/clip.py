@@ -15,12 +15,13 @@ from morphomol.data.runs import write_metrics
 from morphomol.eval.metrics import recall_at_k
 from morphomol.studies.fusion.data import FoldData, FoldInputs
 from morphomol.studies.fusion.models import ClipModel, build_clip_model, clip_loss
-from morphomol.studies.fusion.regression import vit_weights_for
+from morphomol.studies.fusion.regression import run_training, vit_weights_for
 from morphomol.studies.fusion.settings import ModelSetting
+from morphomol.train import ddp
 from morphomol.train.checkpoint import RunOutputs, as_outputs, save_checkpoint
-from morphomol.train.loop import finish, fit
+from morphomol.train.loop import epoch_kwargs, finish, fit, is_compiled, pad_batch
 from morphomol.train.resume import fingerprint
-from morphomol.train.runtime import Runtime, autocast, run_context, to_device
+from morphomol.train.runtime import Runtime, autocast, loader_threads, run_context, to_device
 from morphomol.train.sources import BatchSource
 from morphomol.util.hashing import ids_digest
 from morphomol.util.logs import get_logger
@@ -29,19 +30,35 @@ log = get_logger("fusion.clip")
 
 
 @torch.no_grad()
-def clip_embeddings(model: ClipModel, ds: BatchSource, fields: Sequence[str], batch_size: int,
-                    device: torch.device, num_workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """L2-normalised (image, transcript) embeddings of a split, in the loader's unshuffled order."""
+def clip_embeddings(model: ClipModel | torch.nn.Module, ds: BatchSource, fields: Sequence[str], batch_size: int,
+                    device: torch.device, num_workers: int = 0,
+                    threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """L2-normalised (image, transcript) embeddings of a split, in the loader's unshuffled order
+    (kept on the device until the end; a compiled model gets a padded last batch; in a
+    data-parallel run each rank embeds its part of every batch and all ranks return the whole)."""
     model.eval()
-    imgs, txts = [], []
+    dist = ddp.current()
+    pad = is_compiled(model)
+    parts: list[tuple[torch.Tensor, torch.Tensor]] = []
     for batch in ds.epoch(0, batch_size=batch_size, fields=fields, shuffle=False, num_workers=num_workers,
-                          pin_memory=device.type == "cuda"):
+                          pin_memory=device.type == "cuda",
+                          **epoch_kwargs(ds, device=device, threads=threads, dist=dist)):
+        n = len(batch["tile_id"])
+        if n == 0:
+            parts.append((torch.zeros(0), torch.zeros(0)))
+            continue
         batch = to_device(batch, device)
+        if pad and n < batch_size:
+            batch = pad_batch(batch, batch_size)
         with autocast(device):
             i, t = model(batch)
-        imgs.append(i.float().cpu())
-        txts.append(t.float().cpu())
-    return torch.cat(imgs).numpy(), torch.cat(txts).numpy()
+        parts.append((i[:n].float(), t[:n].float()))
+    if dist.active:
+        local = [(i.cpu().numpy(), t.cpu().numpy()) for i, t in parts]
+        got = [p for per_rank in ddp.gather_parts(local) for p in per_rank if len(p[0])]
+        return np.concatenate([p[0] for p in got]), np.concatenate([p[1] for p in got])
+    kept = [p for p in parts if len(p[0])]
+    return torch.cat([p[0] for p in kept]).cpu().numpy(), torch.cat([p[1] for p in kept]).cpu().numpy()
 
 
 def train_clip(
@@ -65,7 +82,9 @@ def train_clip(
     fields = list(s.batch_fields)
     bs = training.clip_batch_size
     num_workers = runtime.workers(training.num_workers)
+    dist = ddp.current()
     with run_context(runtime) as device:
+        threads = loader_threads(training, runtime, device)
         torch.manual_seed(runtime.seed)
         model = build_clip_model(s, len(data.core_genes), mcfg, vit_weights=vit_weights).to(device)
         if device.type == "cuda":
@@ -76,12 +95,16 @@ def train_clip(
             log.warning("fit partition (%d tiles) is smaller than training.clip_batch_size (%d): one smaller "
                         "contrastive batch per epoch", len(data.fit), bs)
 
+        n_global = min(bs, len(data.fit))  # fit batches: drop_last
+
         def loss_fn(m: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
             img, txt = m(batch)
+            if dist.active:  # InfoNCE over the whole batch: every rank's embeddings, gradients to their own
+                img, txt = ddp.gather_with_grad(img, n_global), ddp.gather_with_grad(txt, n_global)
             return clip_loss(img, txt, model.scale())
 
         def validate(m: torch.nn.Module) -> tuple[float, dict[str, float]]:
-            img, txt = clip_embeddings(model, data.val, fields, bs, device, num_workers)
+            img, txt = clip_embeddings(m, data.val, fields, bs, device, num_workers, threads)
             scale = model.scale().detach().float().cpu()
             losses = [float(clip_loss(torch.from_numpy(img[i:i + bs]), torch.from_numpy(txt[i:i + bs]), scale))
                       for i in range(0, len(img), bs) if len(img[i:i + bs]) > 1]
@@ -89,12 +112,13 @@ def train_clip(
             return (float(np.mean(losses)) if losses else math.nan), {"val_recall@1": rec.get("recall@1", math.nan)}
 
         fp = fingerprint(
-            setting=s.to_dict(), training={k: v for k, v in training.__dict__.items() if k != "num_workers"},
+            setting=s.to_dict(), training=run_training(training),
             seed=runtime.seed, model=mcfg, fit=ids_digest(data.fit.tile_ids), core=data.core_genes,
             vit_weights=vit_weights, fold=fold, inputs=inputs.artifacts() if inputs is not None else None)
         res = fit(model, data.fit, fields, training, runtime, outs.work_dir, loss_fn=loss_fn, validate=validate,
-                  fingerprint=fp, batch_size=bs, drop_last=True, val_name="val_infonce", on_step=on_step)
-        img, txt = clip_embeddings(model, data.test, fields, bs, device, num_workers)
+                  fingerprint=fp, batch_size=bs, drop_last=True, val_name="val_infonce", on_step=on_step,
+                  loss_reduction="global" if dist.active else "mean")
+        img, txt = clip_embeddings(model, data.test, fields, bs, device, num_workers, threads)
 
     rec = recall_at_k(img, txt, ks=(1, 5), chunk_size=bs, seed=runtime.seed)
     metrics = {"setting": s.name, "fold": int(fold), "kind": "clip", "status": "ok",
@@ -106,7 +130,10 @@ def train_clip(
                "best_epoch": res.best_epoch, "epochs_run": res.epochs_run, "val_infonce": res.best_val,
                "train_seconds": res.train_seconds, "tiles_per_second": res.tiles_per_second,
                "pretrained": bool(vit_weights), "paper_row": s.paper_row, "device": str(device), "seed": runtime.seed,
-               "logit_scale": float(model.logit_scale.detach().cpu()), "resumed": res.resumed}
+               "logit_scale": float(model.logit_scale.detach().cpu()), "resumed": res.resumed,
+               "compile_seconds": res.compile_seconds, "processes": dist.world}
+    if not dist.is_main:
+        return metrics
     if outs.checkpoint is not None:
         meta = {"setting": s.name, "setting_fields": s.to_dict(), "fold": int(fold), "kind": "clip",
                 "core_genes": data.core_genes, "model": mcfg, "vit_weights": vit_weights,

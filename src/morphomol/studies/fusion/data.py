@@ -62,14 +62,23 @@ class StoreSplit:
 
     Chunk-shuffled batches (``make_loader``), renamed to the trainer's contract (``tile_counts`` ->
     ``tile``, ``targets`` -> ``target``); images / tokens are only read when a field asks for them.
-    Loaders are kept per layout (persistent workers).
+    Loaders are kept per layout (persistent workers, the feed's threads' decode state and buffers).
+
+    ``epoch(..., device=, threads=)`` (the options in :attr:`epoch_options`): with ``device`` the
+    batches arrive on that device, tokens scattered there from COO; with ``threads`` as well they
+    come from the threaded feed (:mod:`morphomol.data.feed`, reused (pinned) buffers, a batch is
+    valid until the next one is asked for). ``shard=(rank, world)``: this process's part of every
+    batch (data-parallel training). ``skip`` drops the first batches in the plan (nothing is read).
     """
 
+    #: optional keywords of :meth:`epoch` (the trainer passes only what a source supports)
+    epoch_options = frozenset({"device", "threads", "shard"})
+
     def __init__(self, split: Any, panel: Mapping[str, Any], stores: Mapping[str, StorePaths], partition: str, *,
-                 buffer_chunks: int = 8) -> None:
+                 buffer_chunks: int = 8, buffer_batches: int = 0) -> None:
         self.split, self.stores, self.partition = split, dict(stores), partition
         self.panel = {"core": list(panel["core"]), "addon": list(panel["addon"])}
-        self.buffer_chunks = int(buffer_chunks)
+        self.buffer_chunks, self.buffer_batches = int(buffer_chunks), int(buffer_batches)
         self.tile_ids = split.loc[split["partition"] == partition, "tile_id"].astype(str).tolist()
         self._loaders: dict[tuple[Any, ...], Any] = {}
 
@@ -81,29 +90,41 @@ class StoreSplit:
         return n // batch_size if drop_last and n >= batch_size else -(-n // batch_size)
 
     def epoch(self, epoch: int, *, batch_size: int, fields: Sequence[str], seed: int = 0, shuffle: bool = True,
-              drop_last: bool = False, skip: int = 0, num_workers: int = 0,
-              pin_memory: bool = False) -> Iterator[dict[str, Any]]:
-        from morphomol.data.loader import densify_tokens, make_loader
+              drop_last: bool = False, skip: int = 0, num_workers: int = 0, pin_memory: bool = False,
+              device: Any = None, threads: int | None = None,
+              shard: tuple[int, int] | None = None) -> Iterator[dict[str, Any]]:
+        from morphomol.data.loader import TileStream, densify_tokens, make_loader
 
         images, tokens = "image" in fields, "tokens" in fields
         drop_last = drop_last and len(self) >= batch_size  # as epoch_batches: never drop the only batch
-        key = (batch_size, seed, shuffle, drop_last, images, tokens, num_workers, pin_memory)
-        if key not in self._loaders:
-            self._loaders[key] = make_loader(
-                self.split, self.panel, self.stores, self.partition, batch_size=batch_size, shuffle=shuffle,
-                seed=seed, num_workers=num_workers, buffer_chunks=self.buffer_chunks, drop_last=drop_last,
-                images=images, tokens=tokens, pin_memory=pin_memory,
-                token_format="coo")  # sparse tokens cross the worker pipe; densified here
-        loader = self._loaders[key]
-        loader.set_epoch(epoch)
-        for i, b in enumerate(loader):
-            if i < skip:  # resuming mid-epoch: these batches were consumed before the interruption
-                continue
+        if device is not None and threads is not None:
+            from morphomol.data.feed import Feed
+
+            key: tuple[Any, ...] = ("feed", batch_size, seed, shuffle, drop_last, images, tokens, int(threads),
+                                    str(device))
+            if key not in self._loaders:
+                stream = TileStream(self.split, self.panel, self.stores, self.partition, batch_size=batch_size,
+                                    shuffle=shuffle, seed=seed, buffer_chunks=self.buffer_chunks, drop_last=drop_last,
+                                    images=images, tokens=tokens, buffer_batches=self.buffer_batches)
+                self._loaders[key] = Feed(stream, threads=int(threads), device=device)
+            batches = self._loaders[key].epoch(epoch, skip=skip, shard=shard)
+        else:
+            key = (batch_size, seed, shuffle, drop_last, images, tokens, num_workers, pin_memory)
+            if key not in self._loaders:
+                self._loaders[key] = make_loader(
+                    self.split, self.panel, self.stores, self.partition, batch_size=batch_size, shuffle=shuffle,
+                    seed=seed, num_workers=num_workers, buffer_chunks=self.buffer_chunks, drop_last=drop_last,
+                    images=images, tokens=tokens, pin_memory=pin_memory, buffer_batches=self.buffer_batches,
+                    token_format="coo")  # sparse tokens cross the worker pipe; densified on `device`
+            loader = self._loaders[key]
+            loader.set_epoch(epoch, skip=skip, shard=shard)  # a resume's consumed batches: skipped unread
+            batches = iter(loader)
+        for b in batches:
             out: dict[str, Any] = {"tile_id": b["tile_id"]}
             if images:
                 out["image"] = b["image"]
             if tokens:
-                out["tokens"] = densify_tokens(b)
+                out["tokens"] = densify_tokens(b, device)
             if "tile" in fields:
                 out["tile"] = b["tile_counts"]
             if "target" in fields:
@@ -127,12 +148,13 @@ class FoldData:
         return {"fit": self.fit, "val": self.val, "test": self.test}
 
 
-def fold_from_stores(inputs: FoldInputs, *, buffer_chunks: int = 8) -> FoldData:
-    """:class:`FoldData` over the declared stores of one fold."""
+def fold_from_stores(inputs: FoldInputs, *, buffer_chunks: int = 8, buffer_batches: int = 0) -> FoldData:
+    """:class:`FoldData` over the declared stores of one fold (``buffer_batches``: see ``TileStream``)."""
     panel = read_fold_panel(inputs.panel)
     split = read_split(inputs.split)
     stores = inputs.stores()
-    parts = {p: StoreSplit(split, panel, stores, p, buffer_chunks=buffer_chunks) for p in PARTITIONS}
+    parts = {p: StoreSplit(split, panel, stores, p, buffer_chunks=buffer_chunks, buffer_batches=buffer_batches)
+             for p in PARTITIONS}
     for p, ds in parts.items():
         if len(ds) == 0:
             raise InputError(f"the fold has no '{p}' tiles", file=inputs.split, field="partition",

@@ -23,10 +23,11 @@ from morphomol.models.vit import ViTEncoder
 from morphomol.studies.fusion.data import FoldData, FoldInputs, attach_features
 from morphomol.studies.fusion.models import build_model
 from morphomol.studies.fusion.settings import IN_MODEL_ENCODER, ModelSetting
+from morphomol.train import ddp
 from morphomol.train.checkpoint import RunOutputs, as_outputs, save_checkpoint
 from morphomol.train.loop import finish, fit, predict
 from morphomol.train.resume import fingerprint
-from morphomol.train.runtime import Runtime, run_context
+from morphomol.train.runtime import Runtime, loader_threads, run_context
 from morphomol.train.sources import gather
 from morphomol.util.hashing import ids_digest, sha256_path
 from morphomol.util.logs import get_logger
@@ -37,6 +38,15 @@ log = get_logger("fusion.regression")
 def regression_loss(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     """MSE over add-on genes and tiles, on log1p targets."""
     return F.mse_loss(model(batch).float(), batch["target"].float())
+
+
+#: training options that never change a run's results (left out of its resume fingerprint)
+EXECUTION_ONLY = ("num_workers", "loader_threads", "checkpoint_every")
+
+
+def run_training(training: TrainingConfig) -> dict[str, Any]:
+    """The training section as it enters a run's fingerprint (execution-only options left out)."""
+    return {k: v for k, v in training.__dict__.items() if k not in EXECUTION_ONLY}
 
 
 def vit_weights_for(setting: ModelSetting, weights: Mapping[str, str | None]) -> str | None:
@@ -68,6 +78,7 @@ def train_setting(
 
     ``weights``: encoder -> configured local weights (None/absent: not configured). ``inputs``: the
     declared input artifacts, fingerprinted so that a resume only happens onto identical inputs.
+    In a data-parallel run (:mod:`morphomol.train.ddp`) every rank trains; rank 0 writes.
     """
     s = setting
     weights = dict(weights or {})
@@ -95,20 +106,22 @@ def train_setting(
         log.info("setting %s fold %d on %s: fit %d / val %d / test %d tiles; params %s; fields %s", s.name, fold,
                  device, len(splits["fit"]), len(splits["val"]), len(splits["test"]), counts, fields)
 
+        threads = loader_threads(training, runtime, device)
+
         def validate(m: torch.nn.Module) -> tuple[float, dict[str, float]]:
-            _, y, y_hat = predict(m, splits["val"], fields, training.batch_size, device, num_workers)
+            _, y, y_hat = predict(m, splits["val"], fields, training.batch_size, device, num_workers, threads=threads)
             pg = per_gene_metrics(y, y_hat, data.addon_genes)
             mse = float(((y_hat - y) ** 2).mean())
             return mse, {"val_pearson": summarize(pg)["pearson"]}
 
         fp = fingerprint(
-            setting=s.to_dict(), training={k: v for k, v in training.__dict__.items() if k != "num_workers"},
+            setting=s.to_dict(), training=run_training(training),
             seed=runtime.seed, model=model, fit=ids_digest(splits["fit"].tile_ids),
             val=ids_digest(splits["val"].tile_ids), core=data.core_genes, addon=data.addon_genes,
             vit_weights=vit_weights, fold=fold, inputs=inputs.artifacts() if inputs is not None else None)
         res = fit(net, splits["fit"], fields, training, runtime, outs.work_dir, loss_fn=regression_loss,
                   validate=validate, fingerprint=fp, on_step=on_step)
-        ids, y, y_hat = predict(net, splits["test"], fields, training.batch_size, device, num_workers)
+        ids, y, y_hat = predict(net, splits["test"], fields, training.batch_size, device, num_workers, threads=threads)
 
     report = regression_report(y, y_hat, data.addon_genes)
     metrics = {
@@ -119,7 +132,8 @@ def train_setting(
         "train_seconds": res.train_seconds, "tiles_per_second": res.tiles_per_second,
         "pretrained": bool(vit_weights) if s.morph_encoder == IN_MODEL_ENCODER else s.morph_encoder is not None,
         "paper_row": s.paper_row, "params": counts, "features": feat_info, "device": str(device),
-        "resumed": res.resumed, "seed": runtime.seed,
+        "resumed": res.resumed, "seed": runtime.seed, "compile_seconds": res.compile_seconds,
+        "processes": ddp.current().world,
     }
     meta = {"setting": s.name, "setting_fields": s.to_dict(), "fold": int(fold), "n_core": len(data.core_genes),
             "n_targets": len(data.addon_genes), "core_genes": data.core_genes, "addon_genes": data.addon_genes,
@@ -127,6 +141,8 @@ def train_setting(
             "vit_weights_sha256": sha256_path(vit_weights) if vit_weights else None, "features": feat_info,
             "best_epoch": res.best_epoch, "val_mse": res.best_val, "history": res.history,
             "training": training, "seed": runtime.seed, "torch": torch.__version__}
+    if not ddp.current().is_main:
+        return metrics
     if outs.checkpoint is not None:
         save_checkpoint(net, outs.checkpoint, outs.checkpoint_meta or outs.checkpoint.with_suffix(".json"), meta)
     if outs.predictions is not None:

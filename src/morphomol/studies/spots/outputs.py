@@ -1,0 +1,133 @@
+"""Per-sample outputs of the spots study (rule ``spots_outputs``).
+
+Each sample is test in exactly one fold; its outputs use that fold's targets and the test predictions
+of that fold (reference setting: first seed; baselines: deterministic):
+
+* ``spots/samples/{sample}.h5ad``: AnnData of the sample's spots x the fold's target genes; ``X`` and
+  layer ``measured`` = transformed targets, layer ``predicted`` = the reference setting, layers
+  ``predicted_{baseline}``; obs = the unit table's obs + ``fold`` (where it is test) and
+  ``partition_fold{k}`` for every fold; ``obsm['spatial']`` in µm; ``var`` has the per-gene Pearson of
+  this sample and ``eval_gene`` (HEST eval genes); ``uns['spots']`` the setting, seed, transform.
+* ``spots/maps/{sample}.png``: measured vs predicted maps of the sample's best, median and worst gene
+  (per-gene Pearson within the sample) for the first ``spots.maps.samples`` samples;
+  ``spots/maps/pred_vs_measured.png``: predicted vs measured of the cohort's best / median / worst gene.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from morphomol.errors import InputError
+from morphomol.util.logs import get_logger
+
+log = get_logger("spots.outputs")
+
+
+def _wide(pred: pd.DataFrame, ids: Sequence[str], genes: Sequence[str], col: str) -> np.ndarray:
+    sub = pred[pred["tile_id"].isin(set(ids))]
+    w = sub.pivot(index="tile_id", columns="gene", values=col)
+    missing = [u for u in ids if u not in w.index]
+    if missing:
+        raise InputError(f"{len(missing)} unit(s) without test predictions (e.g. {missing[0]})", field="tile_id")
+    return w.reindex(index=list(ids), columns=list(genes)).to_numpy(np.float32)
+
+
+def write_spot_outputs(*, units: Mapping[str, str | Path], splits: Sequence[str | Path], targets: Sequence[str | Path],
+                       predictions: Mapping[str, str | Path], reference: str, out_samples: str | Path,
+                       out_maps: str | Path, map_samples: int | None = None) -> dict[str, Any]:
+    """Write the per-sample AnnData and the maps (see the module docstring); returns a summary."""
+    import anndata as ad
+
+    from morphomol.data.folds import read_split
+    from morphomol.data.units import read_units
+    from morphomol.eval.metrics import column_pearson
+    from morphomol.report.figures import plot_pred_vs_measured, select_genes
+    from morphomol.splits import check_fold
+    from morphomol.studies.spots.targets import read_targets
+    from morphomol.util.atomic import atomic_path
+
+    if reference not in predictions:
+        raise InputError(f"no predictions of the reference setting {reference!r}", field="spots.reference")
+    preds = {n: pd.read_parquet(p).astype({"tile_id": str, "gene": str}) for n, p in predictions.items()}
+    fold_of: dict[str, int] = {}
+    partitions: dict[str, dict[int, pd.Series]] = {}
+    docs = [read_targets(t) for t in targets]
+    for k, sp in enumerate(splits):
+        s = read_split(sp)
+        check_fold(s)
+        for sample, part in s.groupby("sample_id"):
+            partitions.setdefault(str(sample), {})[k] = part.set_index("tile_id")["partition"]
+            if (part["partition"] == "test").all():
+                fold_of[str(sample)] = k
+    summary: dict[str, Any] = {}
+    pooled = []
+    with atomic_path(out_samples) as tmp_s, atomic_path(out_maps) as tmp_m:
+        tmp_s.mkdir(parents=True)
+        tmp_m.mkdir(parents=True)
+        for i, (sample, upath) in enumerate(units.items()):
+            if sample not in fold_of:
+                raise InputError(f"sample {sample} is test in no fold", field="splits")
+            k = fold_of[sample]
+            doc = docs[k]
+            genes = [str(g) for g in doc["genes"]]
+            a = read_units(upath)
+            ids = list(a.obs_names.astype(str))
+            y = _wide(preds[reference], ids, genes, "y")
+            out = ad.AnnData(X=y.copy(), obs=a.obs.copy(), var=pd.DataFrame(index=pd.Index(genes)))
+            out.obsm["spatial"] = np.asarray(a.obsm["spatial"])
+            out.layers["measured"] = y
+            for name, df in preds.items():
+                layer = "predicted" if name == reference else f"predicted_{name}"
+                out.layers[layer] = _wide(df, ids, genes, "y_hat")
+            out.obs["fold"] = k
+            for kk, part in sorted(partitions[sample].items()):
+                out.obs[f"partition_fold{kk}"] = part.reindex(ids).astype(str).to_numpy()
+            r = column_pearson(y.astype(np.float64), out.layers["predicted"].astype(np.float64))
+            out.var["pearson"] = r
+            out.var["eval_gene"] = [g in set(doc.get("eval_genes") or []) for g in genes]
+            out.uns["spots"] = {"reference": reference, "seed": "first seed of spots.seeds", "fold": k,
+                                "transform": doc.get("transform"), "layers": sorted(out.layers.keys())}
+            out.write_h5ad(Path(tmp_s) / f"{sample}.h5ad")
+            summary[sample] = {"fold": k, "spots": int(out.n_obs), "mean_pearson": float(np.nanmean(r))
+                               if np.isfinite(r).any() else None}
+            pooled.append(preds[reference][preds[reference]["tile_id"].isin(set(ids))])
+            if map_samples is None or i < map_samples:
+                plot_sample_maps(Path(tmp_m) / f"{sample}.png", out, sample)
+        allp = pd.concat(pooled, ignore_index=True)
+        per_gene = allp.groupby("gene").apply(lambda d: float(column_pearson(d[["y"]].to_numpy(float),
+                                                                               d[["y_hat"]].to_numpy(float))[0]),
+                                              include_groups=False)
+        plot_pred_vs_measured(allp, select_genes(per_gene), Path(tmp_m) / "pred_vs_measured.png",
+                              title=f"{reference}: test predictions (first seed), best / median / worst gene")
+    log.info("wrote %d samples' AnnData and maps", len(units))
+    return summary
+
+
+def plot_sample_maps(out: Path, a: Any, sample: str) -> Path:
+    """Measured vs predicted spot maps of the sample's best, median and worst gene."""
+    from morphomol.report.figures import plt, save_figure, select_genes
+
+    genes = select_genes(pd.Series(a.var["pearson"].to_numpy(), index=a.var_names))
+    xy = np.asarray(a.obsm["spatial"])
+    fig, axes = plt.subplots(3, 2, figsize=(7.5, 9), squeeze=False)
+    for row, (label, g) in enumerate(genes.items()):
+        j = list(a.var_names).index(g)
+        for col, (v, what) in enumerate(((a.layers["measured"][:, j], "measured"),
+                                         (a.layers["predicted"][:, j], "predicted"))):
+            ax = axes[row][col]
+            # each panel on its own colour scale: predictions shrink towards the mean
+            sc = ax.scatter(xy[:, 0], xy[:, 1], c=v, s=9, cmap="viridis", marker="h", linewidths=0)
+            ax.set_aspect("equal")
+            ax.invert_yaxis()
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{label}: {g} {what}" + (f" (r = {a.var['pearson'].iloc[j]:.2f})" if col else ""), fontsize=8)
+            fig.colorbar(sc, ax=ax, shrink=0.8)
+    fig.suptitle(f"{sample}: test predictions of {a.uns['spots']['reference']} (fold {a.uns['spots']['fold']})",
+                 fontsize=9)
+    return save_figure(fig, out)

@@ -1,0 +1,323 @@
+"""Readers of the three spot layouts into one :class:`SpotData` (counts + positions in image pixels).
+
+* :func:`read_spaceranger` — Space Ranger ``outs/``: the 10x HDF5 matrix (v3 ``matrix/features``, or
+  the v2 per-genome layout; Gene Expression features only), ``tissue_positions.csv`` (>= 2.0, header)
+  or ``tissue_positions_list.csv`` (1.x, no header; columns barcode, in_tissue, array_row, array_col,
+  pxl_row_in_fullres, pxl_col_in_fullres), ``scalefactors_json.json`` (optional).
+* :func:`read_st` — legacy ST: a spots x genes counts table (TSV/CSV, optionally gzipped; spot ids
+  ``{x}x{y}``, a genes x spots table is transposed) and the ST Spot Detector table (``x, y, pixel_x,
+  pixel_y`` [+ ``selected``]; pixels of the full-resolution image).
+* :func:`read_hest` — HEST-1k: ``st/{id}.h5ad`` (``obsm['spatial']`` in full-resolution px; obs
+  ``in_tissue``, ``array_row``, ``array_col`` when present) and ``metadata/{id}.json``.
+
+Every inconsistency is one InputError naming the file: duplicate spot ids, matrix barcodes without a
+position, in-tissue positions without counts, malformed rows.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from morphomol.errors import InputError
+from morphomol.util.logs import get_logger
+
+log = get_logger("spots.readers")
+
+POSITION_COLUMNS = ("barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres")
+ST_ID = re.compile(r"^(-?\d+(?:\.\d+)?)x(-?\d+(?:\.\d+)?)$")
+
+
+@dataclass
+class SpotData:
+    """One sample's spots: counts (spots x genes) and positions in full-resolution image pixels."""
+
+    fmt: str
+    platform: str                   # visium | st (geometry of morphomol.studies.spots.geometry.PLATFORMS)
+    barcodes: np.ndarray            # (N,) str
+    counts: sp.csr_matrix           # (N, G) float32 raw counts
+    genes: list[str]
+    x_px: np.ndarray                # (N,) float64, full-resolution px (x right)
+    y_px: np.ndarray                # (N,) float64 (y down)
+    in_tissue: np.ndarray           # (N,) bool
+    array_row: np.ndarray | None = None
+    array_col: np.ndarray | None = None
+    spot_diameter_px: float | None = None   # scalefactors spot_diameter_fullres
+    scalefactors: dict[str, float] = field(default_factory=dict)
+    hest_mpp: float | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    counts_info: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.barcodes)
+
+
+def _unique_genes(names: list[str], file: Path) -> list[str]:
+    """Gene names made unique the way AnnData does (``name-1``, ``name-2`` for repeats)."""
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        if n in seen:
+            seen[n] += 1
+            out.append(f"{n}-{seen[n]}")
+        else:
+            seen[n] = 0
+            out.append(n)
+    if len(set(out)) != len(names):
+        raise InputError("gene names cannot be made unique", file=file, field="features/name")
+    n_dup = sum(1 for v in seen.values() if v)
+    if n_dup:
+        log.info("%s: %d gene name(s) occur more than once; made unique with -1, -2 suffixes", file, n_dup)
+    return out
+
+
+def _check_duplicates(ids: np.ndarray, file: Path, field_name: str) -> None:
+    s = pd.Series(ids)
+    dup = s[s.duplicated()]
+    if len(dup):
+        raise InputError(f"duplicate spot id(s) {sorted(set(dup))[:5]} ({len(dup)} repeated)", file=file,
+                         field=field_name, expected="unique spot ids")
+
+
+# ------------------------------------------------------------------------------ Space Ranger
+def read_10x_h5(path: str | Path) -> tuple[np.ndarray, list[str], sp.csr_matrix, dict[str, Any]]:
+    """(barcodes, genes, counts barcodes x genes CSR float32, info) of a 10x HDF5 feature-barcode matrix."""
+    import h5py
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError("feature-barcode matrix not found", file=p, expected="filtered_feature_bc_matrix.h5")
+    try:
+        f = h5py.File(p, "r")
+    except OSError as exc:
+        raise InputError(f"not an HDF5 file ({exc})", file=p, expected="a 10x feature-barcode matrix .h5") from None
+    with f:
+        if "matrix" in f:
+            g = f["matrix"]
+            feats = g.get("features")
+            if feats is None or "name" not in feats:
+                raise InputError("no matrix/features/name", file=p, field="matrix/features")
+            names = [x.decode() for x in feats["name"][:]]
+            ids = [x.decode() for x in feats["id"][:]] if "id" in feats else names
+            ftype = [x.decode() for x in feats["feature_type"][:]] if "feature_type" in feats else ["Gene Expression"] * len(names)
+        else:  # Cell Ranger 2 layout: one group per genome
+            groups = [k for k in f.keys() if isinstance(f[k], h5py.Group)]
+            if not groups:
+                raise InputError("no 'matrix' group", file=p, field="matrix", expected="a 10x HDF5 matrix (v2 or v3)")
+            g = f[groups[0]]
+            names = [x.decode() for x in g["gene_names"][:]]
+            ids = [x.decode() for x in g["genes"][:]]
+            ftype = ["Gene Expression"] * len(names)
+        try:
+            data, indices, indptr = g["data"][:], g["indices"][:], g["indptr"][:]
+            shape = tuple(int(v) for v in g["shape"][:])
+            barcodes = np.array([x.decode() for x in g["barcodes"][:]], dtype=object)
+        except KeyError as exc:
+            raise InputError(f"missing dataset {exc}", file=p, field="matrix") from None
+    if shape != (len(names), len(barcodes)) or len(indptr) != len(barcodes) + 1:
+        raise InputError(f"matrix shape {shape} does not match {len(names)} features x {len(barcodes)} barcodes",
+                         file=p, field="matrix/shape")
+    m = sp.csc_matrix((data, indices, indptr), shape=shape).T.tocsr().astype(np.float32)
+    keep = np.array([t == "Gene Expression" for t in ftype])
+    if not keep.any():
+        raise InputError("no 'Gene Expression' features", file=p, field="matrix/features/feature_type")
+    info = {"features": len(names), "gene_expression_features": int(keep.sum())}
+    genes = _unique_genes([n for n, k in zip(names, keep) if k], p)
+    _check_duplicates(barcodes, p, "matrix/barcodes")
+    return barcodes, genes, m[:, np.flatnonzero(keep)], {**info, "gene_ids": [i for i, k in zip(ids, keep) if k]}
+
+
+def read_tissue_positions(path: str | Path) -> pd.DataFrame:
+    """Space Ranger positions (both versions) as a DataFrame with :data:`POSITION_COLUMNS`."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError("tissue positions not found", file=p,
+                         expected="spatial/tissue_positions.csv or spatial/tissue_positions_list.csv")
+    with open(p) as fh:
+        first = fh.readline()
+    header = first.split(",")[0].strip().strip('"') == "barcode"
+    try:
+        df = pd.read_csv(p, header=0 if header else None, dtype={0: str})
+    except Exception as exc:
+        raise InputError(f"cannot parse positions ({exc})", file=p) from None
+    if df.shape[1] != 6:
+        raise InputError(f"{df.shape[1]} columns", file=p, field="columns", expected=", ".join(POSITION_COLUMNS))
+    df.columns = list(POSITION_COLUMNS)
+    for c in POSITION_COLUMNS[1:]:
+        v = pd.to_numeric(df[c], errors="coerce")
+        if v.isna().any():
+            line = int(np.flatnonzero(v.isna().to_numpy())[0]) + (2 if header else 1)
+            raise InputError(f"line {line}: {c} {df[c].iloc[line - (2 if header else 1)]!r} is not a number", file=p,
+                             field=c)
+        df[c] = v
+    df["barcode"] = df["barcode"].astype(str)
+    _check_duplicates(df["barcode"].to_numpy(), p, "barcode")
+    return df
+
+
+def read_spaceranger(matrix: str | Path, positions: str | Path, scalefactors: str | Path | None) -> SpotData:
+    """A Space Ranger sample: every spot of the positions file that is in the matrix (out-of-tissue spots
+    of a raw matrix included, flagged). Matrix barcodes without a position and in-tissue positions
+    without counts are InputErrors."""
+    barcodes, genes, counts, info = read_10x_h5(matrix)
+    pos = read_tissue_positions(positions)
+    idx = pd.Index(pos["barcode"])
+    where = idx.get_indexer(barcodes)
+    if (where < 0).any():
+        miss = barcodes[where < 0]
+        raise InputError(f"{len(miss)} matrix barcode(s) have no position (e.g. {', '.join(map(str, miss[:3]))})",
+                         file=positions, field="barcode", expected="every barcode of " + Path(matrix).name)
+    in_tissue_pos = pos.loc[pos["in_tissue"] == 1, "barcode"].to_numpy()
+    missing = np.setdiff1d(in_tissue_pos, barcodes)
+    if len(missing):
+        raise InputError(f"{len(missing)} in-tissue spot(s) of the positions are not in the matrix "
+                         f"(e.g. {', '.join(map(str, missing[:3]))})", file=matrix, field="barcodes",
+                         expected="the matrix of the same Space Ranger run (filtered or raw)")
+    sel = pos.iloc[where]
+    sf: dict[str, float] = {}
+    if scalefactors is not None and Path(scalefactors).is_file():
+        try:
+            raw = json.loads(Path(scalefactors).read_text())
+        except json.JSONDecodeError as exc:
+            raise InputError(f"invalid JSON ({exc.msg})", file=scalefactors) from None
+        sf = {k: float(v) for k, v in raw.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        d = sf.get("spot_diameter_fullres")
+        if d is not None and not d > 0:
+            raise InputError(f"spot_diameter_fullres {d}", file=scalefactors, field="spot_diameter_fullres",
+                             expected="a positive number of pixels")
+    return SpotData(
+        fmt="spaceranger", platform="visium", barcodes=barcodes, counts=counts, genes=genes,
+        x_px=sel["pxl_col_in_fullres"].to_numpy(np.float64), y_px=sel["pxl_row_in_fullres"].to_numpy(np.float64),
+        in_tissue=sel["in_tissue"].to_numpy() == 1, array_row=sel["array_row"].to_numpy(np.int64),
+        array_col=sel["array_col"].to_numpy(np.int64), spot_diameter_px=sf.get("spot_diameter_fullres"),
+        scalefactors=sf, counts_info={"positions": len(pos), "positions_in_tissue": len(in_tissue_pos),
+                                      "matrix_barcodes": len(barcodes)},
+        meta={"gene_ids": info["gene_ids"], "features": info["features"]})
+
+
+# ------------------------------------------------------------------------------ legacy ST
+def _read_table(path: Path) -> pd.DataFrame:
+    name = path.name.lower().removesuffix(".gz")
+    sep = "," if name.endswith(".csv") else "\t"
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rt") as fh:
+            return pd.read_csv(fh, sep=sep, index_col=0)
+    except Exception as exc:
+        raise InputError(f"cannot parse table ({type(exc).__name__}: {exc})", file=path,
+                         expected="a TSV/CSV table, optionally gzipped") from None
+
+
+def read_st(counts: str | Path, spots: str | Path) -> SpotData:
+    """A legacy ST sample: counts (spots x genes, ids ``{x}x{y}``) joined to the spot detector table."""
+    cpath, spath = Path(counts), Path(spots)
+    for p, what in ((cpath, "counts table"), (spath, "spot table")):
+        if not p.is_file():
+            raise InputError(f"{what} not found", file=p)
+    df = _read_table(cpath)
+    ids = df.index.astype(str)
+    if not ids.str.match(ST_ID).all() and df.columns.astype(str).str.match(ST_ID).all():
+        df = df.T
+        ids = df.index.astype(str)
+    bad = ids[~ids.str.match(ST_ID)]
+    if len(bad):
+        raise InputError(f"spot id {bad[0]!r} is not of the form XxY", file=cpath, field="spot id",
+                         expected="rows (or columns) named like 10x21")
+    _check_duplicates(ids.to_numpy(), cpath, "spot id")
+    values = df.apply(pd.to_numeric, errors="coerce")
+    if values.isna().any().any():
+        r, c = np.argwhere(values.isna().to_numpy())[0]
+        raise InputError(f"spot {ids[r]}, gene {df.columns[c]}: {df.iat[r, c]!r} is not a count", file=cpath,
+                         field=str(df.columns[c]))
+    xy = np.array([[float(v) for v in ST_ID.match(i).groups()] for i in ids])  # type: ignore[union-attr]
+    st = pd.read_csv(spath, sep=None, engine="python")
+    st.columns = [str(c).strip() for c in st.columns]
+    need = ("x", "y", "pixel_x", "pixel_y")
+    miss = [c for c in need if c not in st.columns]
+    if miss:
+        raise InputError(f"missing column(s) {miss}", file=spath, field=miss[0],
+                         expected="ST Spot Detector columns x, y, pixel_x, pixel_y [, selected]")
+    key = [f"{int(round(a))}x{int(round(b))}" for a, b in zip(st["x"], st["y"])]
+    _check_duplicates(np.array(key, dtype=object), spath, "x, y")
+    table = pd.DataFrame({"px": st["pixel_x"].astype(float).to_numpy(), "py": st["pixel_y"].astype(float).to_numpy(),
+                          "sel": (st["selected"].astype(int).to_numpy() == 1) if "selected" in st.columns
+                          else np.ones(len(st), bool)}, index=key)
+    count_key = [f"{int(round(a))}x{int(round(b))}" for a, b in xy]
+    where = table.index.get_indexer(count_key)
+    if (where < 0).any():
+        miss_ids = np.array(ids)[where < 0]
+        raise InputError(f"{len(miss_ids)} spot(s) of the counts have no position (e.g. {', '.join(miss_ids[:3])})",
+                         file=spath, field="x, y", expected="every spot of " + cpath.name)
+    selected = table.index[table["sel"].to_numpy()]
+    missing = sorted(set(selected) - set(count_key))
+    if missing:
+        raise InputError(f"{len(missing)} selected spot(s) of the spot table are not in the counts "
+                         f"(e.g. {', '.join(missing[:3])})", file=cpath, field="spot id",
+                         expected="counts of every selected spot")
+    t = table.iloc[where]
+    genes = _unique_genes([str(g) for g in df.columns], cpath)
+    return SpotData(
+        fmt="st", platform="st", barcodes=np.array(list(ids), dtype=object),
+        counts=sp.csr_matrix(values.to_numpy(np.float32)), genes=genes, x_px=t["px"].to_numpy(np.float64),
+        y_px=t["py"].to_numpy(np.float64), in_tissue=t["sel"].to_numpy(bool),
+        array_row=np.round(xy[:, 1]).astype(np.int64), array_col=np.round(xy[:, 0]).astype(np.int64),
+        counts_info={"positions": len(table), "positions_in_tissue": int(table["sel"].sum()),
+                     "matrix_barcodes": len(ids)})
+
+
+# ------------------------------------------------------------------------------ HEST-1k
+def _hest_platform(meta: dict[str, Any], file: Path) -> str:
+    tech = str(meta.get("st_technology") or "").lower()
+    if "visium hd" in tech or "xenium" in tech:
+        raise InputError(f"st_technology {meta.get('st_technology')!r} is not spot-based", file=file,
+                         field="st_technology", expected="Visium or Spatial Transcriptomics")
+    if "spatial transcriptomics" in tech or tech == "st":
+        return "st"
+    return "visium"
+
+
+def read_hest(adata: str | Path, metadata: str | Path) -> SpotData:
+    """A HEST-1k sample: the AnnData's spots (``obsm['spatial']`` = full-resolution px) and its metadata."""
+    import anndata as ad
+
+    apath, mpath = Path(adata), Path(metadata)
+    if not apath.is_file():
+        raise InputError("HEST AnnData not found", file=apath, expected="st/{id}.h5ad")
+    if not mpath.is_file():
+        raise InputError("HEST metadata not found", file=mpath, expected="metadata/{id}.json")
+    try:
+        meta = json.loads(mpath.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"invalid JSON ({exc.msg})", file=mpath) from None
+    try:
+        a = ad.read_h5ad(apath)
+    except Exception as exc:
+        raise InputError(f"cannot read AnnData ({type(exc).__name__}: {exc})", file=apath) from None
+    if "spatial" not in a.obsm or np.asarray(a.obsm["spatial"]).shape != (a.n_obs, 2):
+        raise InputError("no obsm['spatial'] (N, 2)", file=apath, field="obsm.spatial",
+                         expected="spot centres in full-resolution pixels")
+    ids = np.array(a.obs_names.astype(str), dtype=object)
+    _check_duplicates(ids, apath, "obs_names")
+    xy = np.asarray(a.obsm["spatial"], np.float64)
+    obs = a.obs
+    in_tissue = obs["in_tissue"].astype(int).to_numpy() == 1 if "in_tissue" in obs.columns else np.ones(len(ids), bool)
+    row = obs["array_row"].to_numpy(np.int64) if "array_row" in obs.columns else None
+    col = obs["array_col"].to_numpy(np.int64) if "array_col" in obs.columns else None
+    X = a.X if sp.issparse(a.X) else sp.csr_matrix(np.asarray(a.X))
+    mpp = meta.get("pixel_size_um_estimated")
+    mpp = float(mpp) if isinstance(mpp, (int, float)) and mpp > 0 else None
+    return SpotData(
+        fmt="hest", platform=_hest_platform(meta, mpath), barcodes=ids, counts=sp.csr_matrix(X, dtype=np.float32),
+        genes=_unique_genes([str(g) for g in a.var_names], apath), x_px=xy[:, 0], y_px=xy[:, 1], in_tissue=in_tissue,
+        array_row=row, array_col=col, hest_mpp=mpp,
+        meta={k: meta[k] for k in ("st_technology", "pixel_size_um_estimated", "pixel_size_um_embedded",
+                                   "spot_diameter", "inter_spot_dist", "organ", "oncotree_code") if k in meta},
+        counts_info={"positions": len(ids), "positions_in_tissue": int(in_tissue.sum()), "matrix_barcodes": len(ids)})

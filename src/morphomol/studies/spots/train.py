@@ -1,0 +1,262 @@
+"""One setting of the spots study on every fold and seed (rule ``spots_train``).
+
+Per (fold, seed) the head is trained by the shared loop (:func:`morphomol.train.loop.fit`: Adam = AdamW
+without weight decay, constant ``spots.training.lr``, gradient clipping, early stopping on the
+validation MSE, best weights kept, SIGTERM -> ``resume.pt``), then the selected model predicts the
+test partition once. Each run lives in ``runs/{setting}/fold{k}/seed{s}/`` (``metrics.json``, the
+first seed's ``predictions.parquet``, ``checkpoint.safetensors`` per ``spots.training.save_checkpoints``,
+``resume.pt`` while interrupted); a finished run whose fingerprint (setting, training options, seed,
+fold units, genes, every input's stat digest) matches is reused when the job is retried.
+
+The job's outputs: ``runs/{setting}/metrics.json`` (every run + mean ± sd across seeds of the fold-mean
+metrics) and ``runs/{setting}/predictions.parquet`` (test predictions of the first seed; every unit once).
+Validation Pearson per epoch gives the seed's table columns: final (last epoch), best and its epoch;
+the test metrics are those of the model selected by validation MSE.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from morphomol.config.sections import TrainingConfig
+from morphomol.studies.spots.config import HeadTraining
+from morphomol.studies.spots.data import CohortSpots, FoldSpots, load_cohort, load_fold, union_genes
+from morphomol.studies.spots.settings import SpotSetting
+from morphomol.util.jsonio import write_json
+from morphomol.util.logs import get_logger
+
+log = get_logger("spots.train")
+
+RUN_METRICS = ("test_pearson", "test_pearson_eval", "test_spearman", "test_mse", "val_pearson_final",
+               "val_pearson_best", "val_best_epoch", "best_epoch", "epochs_run", "align_cos", "align_cos_shuffled")
+
+
+@dataclass
+class SpotsInputs:
+    """The declared inputs of a spots job (sample -> path; one split / targets file per fold)."""
+
+    units: dict[str, Path]
+    features: dict[str, Path]
+    splits: list[Path]
+    targets: list[Path]
+    text: tuple[Path, Path] | None = None
+
+    def artifacts(self) -> dict[str, Path]:
+        out = {f"units:{s}": p for s, p in self.units.items()}
+        out.update({f"features:{s}": p for s, p in self.features.items()})
+        out.update({f"split:{k}": p for k, p in enumerate(self.splits)})
+        out.update({f"targets:{k}": p for k, p in enumerate(self.targets)})
+        if self.text:
+            out.update({"text_table": self.text[0], "text_store": self.text[1]})
+        return out
+
+
+def loop_config(t: HeadTraining) -> TrainingConfig:
+    """The shared loop's options for the head: constant lr (no warm-up, min_lr = lr), in-process data."""
+    return TrainingConfig(epochs=t.epochs, warmup_epochs=0, batch_size=t.batch_size, lr_head=t.lr, lr_backbone=t.lr,
+                          min_lr=t.lr, weight_decay=t.weight_decay, grad_clip=t.grad_clip, patience=t.patience,
+                          num_workers=0, clip_batch_size=None, buffer_chunks=1, compile=False)
+
+
+def _summary(values: Sequence[float | None]) -> dict[str, Any]:
+    v = np.array([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
+    return {"mean": float(v.mean()) if len(v) else None, "sd": float(v.std(ddof=1)) if len(v) > 1 else None,
+            "n": int(len(v))}
+
+
+def train_one(setting: SpotSetting, spots: CohortSpots, fold: FoldSpots, seed: int, run_dir: Path, *,
+              training: HeadTraining, threads: int | None, device: str, fp: dict[str, str],
+              keep_predictions: bool, save_checkpoint_file: bool) -> dict[str, Any]:
+    """Train and evaluate one (fold, seed) run; writes ``run_dir/metrics.json`` (+ predictions / checkpoint)."""
+    import torch
+
+    from morphomol.data.runs import write_predictions
+    from morphomol.eval.metrics import per_gene_metrics, regression_report, summarize
+    from morphomol.studies.spots.models import SpotModel, spots_loss
+    from morphomol.train.checkpoint import save_checkpoint
+    from morphomol.train.loop import finish, fit, predict
+    from morphomol.train.runtime import Runtime, run_context
+    from morphomol.train.sources import InMemoryTiles
+
+    tcfg = loop_config(training)
+    runtime = Runtime(seed=int(seed), threads=threads, device=device, num_workers=0)
+    align = setting.align
+    assert spots.features is not None
+    ids = np.array(spots.unit_ids, dtype=object)
+    eval_idx = [fold.genes.index(g) for g in fold.eval_genes]
+
+    def source(part: str, shuffle_text: bool = False) -> InMemoryTiles:
+        r = fold.rows[part]
+        arrays: dict[str, np.ndarray] = {
+            "features": spots.features[r], "target": spots.targets(fold.genes, fold.transform, fold.target_sum, r)}
+        if align is not None:
+            assert spots.text is not None and spots.has_text is not None
+            text, has = spots.text[r].copy(), spots.has_text[r].copy()
+            if shuffle_text:  # null control: captions permuted across the fit spots that have one
+                w = np.flatnonzero(has > 0)
+                text[w] = text[np.random.default_rng([int(seed), 7919]).permutation(w)]
+            arrays.update(text=text, has_text=has)
+        return InMemoryTiles(list(ids[r]), **arrays)
+
+    src = {"fit": source("fit", shuffle_text=align is not None and align.captions == "shuffled"),
+           "val": source("val"), "test": source("test")}
+    fields = ["features", "target"] + (["text", "has_text"] if align is not None else [])
+    steps = src["fit"].n_batches(tcfg.batch_size)
+    with run_context(runtime) as dev:
+        torch.manual_seed(int(seed))
+        model = SpotModel(spots.features.shape[1], len(fold.genes), setting.head, align,
+                          text_dim=None if spots.text is None else spots.text.shape[1],
+                          warmup_steps=int(round((align.warmup_epochs if align else 0) * steps))).to(dev)
+        if training.init_bias_mean:
+            with torch.no_grad():
+                model.out.bias.copy_(torch.from_numpy(src["fit"].arrays["target"].mean(axis=0)))
+
+        def validate(m: Any) -> tuple[float, dict[str, float]]:
+            _, y, yh = predict(m, src["val"], ["features", "target"], tcfg.batch_size, dev)
+            pg = per_gene_metrics(y, yh, fold.genes)
+            return float(((yh - y) ** 2).mean()), {"val_pearson": summarize(pg)["pearson"],
+                                                    "val_pearson_eval": float(np.nanmean(pg["pearson"].to_numpy()[eval_idx]))}
+
+        drop_last = setting.head.batch_norm and len(src["fit"]) > tcfg.batch_size
+        res = fit(model, src["fit"], fields, tcfg, runtime, run_dir, loss_fn=spots_loss, validate=validate,
+                  fingerprint=fp, drop_last=drop_last)
+        uids, y, yh = predict(model, src["test"], ["features", "target"], tcfg.batch_size, dev)
+        cos = cos_shuf = None
+        if align is not None and model.align_head is not None:
+            te = src["test"].arrays
+            w = np.flatnonzero(te["has_text"] > 0)
+            if len(w) > 1:
+                with torch.no_grad():
+                    p = torch.from_numpy(yh[w]).to(dev)
+                    t = torch.from_numpy(te["text"][w]).to(dev)
+                    perm = torch.from_numpy(np.random.default_rng([int(seed), 104729]).permutation(len(w))).to(dev)
+                    cos = float(model.alignment_cosine(p, t).mean())
+                    cos_shuf = float(model.alignment_cosine(p, t[perm]).mean())
+    report = regression_report(y, yh, fold.genes)
+    ev = regression_report(y[:, eval_idx], yh[:, eval_idx], fold.eval_genes)
+    hist = res.history
+    vp = [h.get("val_pearson") for h in hist]
+    vp_f = [v if v is not None and np.isfinite(v) else -np.inf for v in vp]
+    metrics = {
+        "setting": setting.name, "fold": fold.fold, "seed": int(seed), "kind": "regression", "status": "ok",
+        "n_fit": len(src["fit"]), "n_val": len(src["val"]), "n_test": len(src["test"]), **report,
+        "eval": {"genes": fold.eval_genes, "mean": ev["mean"], "n_undefined": ev["n_undefined"]},
+        "test_pearson": report["mean"]["pearson"], "test_pearson_eval": ev["mean"]["pearson"],
+        "test_spearman": report["mean"]["spearman"], "test_mse": report["mean"]["mse"],
+        "val_pearson_final": vp[-1] if vp else None, "val_pearson_best": max(vp_f) if vp else None,
+        "val_best_epoch": int(np.argmax(vp_f)) + 1 if vp else None, "best_epoch": res.best_epoch + 1,
+        "epochs_run": res.epochs_run, "val_mse": res.best_val, "history": hist, "train_seconds": res.train_seconds,
+        "spots_per_second": res.tiles_per_second, "align_cos": cos, "align_cos_shuffled": cos_shuf,
+        "align_weight": align.weight if align else None, "params": model.param_counts(), "device": str(dev),
+        "resumed": res.resumed, "fingerprint": fp,
+    }
+    if keep_predictions:
+        write_predictions(run_dir / "predictions.parquet", uids, fold.genes, y, yh)
+    if save_checkpoint_file:
+        save_checkpoint(model, run_dir / "checkpoint.safetensors", run_dir / "checkpoint.json",
+                        {"setting": setting.name, "setting_fields": setting.to_dict(), "fold": fold.fold,
+                         "seed": int(seed), "genes": fold.genes, "in_dim": int(spots.features.shape[1]),
+                         "best_epoch": res.best_epoch, "training": training})
+    write_json(run_dir / "metrics.json", metrics)
+    finish(run_dir)
+    log.info("%s fold %d seed %d: test pearson %.4f (eval genes %.4f), mse %.4f; val pearson final %.4f best %.4f "
+             "(epoch %s); %d epochs", setting.name, fold.fold, seed, metrics["test_pearson"],
+             metrics["test_pearson_eval"], metrics["test_mse"], metrics["val_pearson_final"] or float("nan"),
+             metrics["val_pearson_best"] or float("nan"), metrics["val_best_epoch"], res.epochs_run)
+    return metrics
+
+
+def run_spot_setting(setting: SpotSetting, inputs: SpotsInputs, *, out_metrics: str | Path,
+                     out_predictions: str | Path, training: HeadTraining, seeds: Sequence[int], encoder: str,
+                     threads: int | None = None, device: str = "auto") -> dict[str, Any]:
+    """The rule ``spots_train``: every fold x seed of ``setting`` (see the module docstring)."""
+    from morphomol.data.features import read_features_attrs
+    from morphomol.data.runs import read_predictions, write_metrics
+    from morphomol.train.resume import fingerprint
+    from morphomol.util.hashing import ids_digest
+
+    out_metrics, out_predictions = Path(out_metrics), Path(out_predictions)
+    genes = union_genes(inputs.targets)
+    spots = load_cohort(inputs.units, inputs.features, genes, inputs.text)
+    if setting.align is not None and (spots.has_text is None or spots.has_text.sum() == 0):
+        from morphomol.errors import InputError
+
+        raise InputError(f"setting {setting.name} aligns to captions but no spot has one", field="captions")
+    feat_attrs = read_features_attrs(next(iter(inputs.features.values())))
+    runs: list[dict[str, Any]] = []
+    preds: list[Path] = []
+    for k, (split, targets) in enumerate(zip(inputs.splits, inputs.targets, strict=True)):
+        fold = load_fold(spots, k, split, targets)
+        for i, seed in enumerate(seeds):
+            run_dir = out_metrics.parent / f"fold{k}" / f"seed{seed}"
+            fp = fingerprint(setting=setting.to_dict(), training=training, seed=int(seed), fold=k, encoder=encoder,
+                             fit=ids_digest(np.array(spots.unit_ids)[fold.rows["fit"]]),
+                             val=ids_digest(np.array(spots.unit_ids)[fold.rows["val"]]), genes=fold.genes,
+                             inputs={**inputs.artifacts(), "split": split, "targets": targets})
+            keep = i == 0
+            save = training.save_checkpoints == "all" or (training.save_checkpoints == "first" and keep)
+            m = _reuse(run_dir, fp, keep)
+            if m is None:
+                m = train_one(setting, spots, fold, int(seed), run_dir, training=training, threads=threads,
+                              device=device, fp=fp, keep_predictions=keep, save_checkpoint_file=save)
+                m["reused"] = False
+            else:
+                log.info("%s fold %d seed %d: reusing the finished run in %s", setting.name, k, seed, run_dir)
+                m["reused"] = True
+            runs.append(m)
+            if keep:
+                preds.append(run_dir / "predictions.parquet")
+    agg = aggregate(setting, runs, seeds=seeds, n_folds=len(inputs.splits), encoder=encoder,
+                    features=feat_attrs, training=training)
+    df = read_predictions(preds)
+    from morphomol.util.atomic import atomic_path
+
+    df["tile_id"], df["gene"] = df["tile_id"].astype(str), df["gene"].astype(str)
+    with atomic_path(out_predictions) as tmp:
+        df.astype({"tile_id": "category", "gene": "category"}).to_parquet(tmp, index=False)
+    write_metrics(out_metrics, agg)
+    return agg
+
+
+def _reuse(run_dir: Path, fp: dict[str, str], need_predictions: bool) -> dict[str, Any] | None:
+    f = run_dir / "metrics.json"
+    if not f.exists() or (need_predictions and not (run_dir / "predictions.parquet").exists()):
+        return None
+    try:
+        m = json.loads(f.read_text())
+    except json.JSONDecodeError:
+        return None
+    return m if m.get("fingerprint") == fp and m.get("status") == "ok" else None
+
+
+def aggregate(setting: SpotSetting, runs: list[dict[str, Any]], *, seeds: Sequence[int], n_folds: int, encoder: str,
+              features: dict[str, Any], training: HeadTraining) -> dict[str, Any]:
+    """The setting's ``metrics.json``: every run's scalars, the per-gene Pearson (mean over seeds) per fold,
+    and per metric the mean ± sd across seeds of the fold means."""
+    rows = [{"fold": r["fold"], "seed": r["seed"], **{m: r.get(m) for m in RUN_METRICS},
+             "train_seconds": r.get("train_seconds"), "spots_per_second": r.get("spots_per_second"),
+             "reused": r.get("reused", False)} for r in runs]
+    df = pd.DataFrame(rows)
+    df[list(RUN_METRICS)] = df[list(RUN_METRICS)].astype(float)
+    per_seed = df.groupby("seed")[list(RUN_METRICS)].mean()
+    per_gene: dict[str, dict[str, float | None]] = {}
+    for k in range(n_folds):
+        rs = [r for r in runs if r["fold"] == k]
+        g = pd.DataFrame({r["seed"]: {gene: v["pearson"] for gene, v in r["per_gene"].items()} for r in rs})
+        per_gene[str(k)] = {str(gene): (float(v) if np.isfinite(v) else None) for gene, v in g.mean(axis=1).items()}
+    return {
+        "setting": setting.name, "kind": "spots", "status": "ok", "role": setting.role,
+        "description": setting.description, "encoder": encoder, "head": setting.to_dict()["head"],
+        "align": setting.to_dict()["align"], "seeds": [int(s) for s in seeds], "n_folds": n_folds,
+        "features": {k: features.get(k) for k in ("encoder", "weights_sha256", "dim", "arch", "pooling")},
+        "training": training, "runs": rows, "per_seed": per_seed.reset_index().to_dict(orient="records"),
+        "summary": {m: _summary(per_seed[m].tolist()) for m in RUN_METRICS},
+        "per_gene_pearson": per_gene,
+    }
