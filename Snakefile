@@ -12,6 +12,7 @@
 include: "workflow/rules/common.smk"
 # shared stages of xenium cohorts
 include: "workflow/rules/simulate.smk"
+include: "workflow/rules/ingest.smk"
 include: "workflow/rules/qc.smk"
 include: "workflow/rules/register.smk"
 include: "workflow/rules/tile.smk"
@@ -27,6 +28,16 @@ include: "workflow/rules/slides.smk"
 
 
 report: "workflow/report/workflow.rst"
+
+
+# Light jobs (seconds, little memory) run inside the Snakemake process itself, not as cluster jobs: a
+# SLURM job per fold split or per table would wait in the queue far longer than it runs.
+localrules:
+    all,
+    splits,
+    fusion_sample_predictions,
+    fusion_tables,
+    fusion_cross_cohort,
 
 
 rule all:

@@ -15,4 +15,5 @@ run(lambda smk: register_sample(
     cfg=typed(RegistrationConfig, smk.params.registration),
     io=typed(IOConfig, smk.params.io),
     seed=smk.params.seed,
+    prealigned=bool(getattr(smk.params, "prealigned", False)),  # xenium_ingest_* samples (not cells_register)
 ))

@@ -15,4 +15,6 @@ run(lambda smk: tokens_sample(
     panel=smk.params.panel,
     io=typed(IOConfig, smk.params.io),
     chunk_tiles=smk.params.chunk_tiles,
+    he_path=smk.input.he,
+    he_mpp=smk.params.he_mpp,
 ))

@@ -239,8 +239,9 @@ def test_tables_and_per_sample_outputs(cohort):
                                  map_samples=1)
     assert sorted(summary) == sorted(SAMPLES)
     a = ad.read_h5ad(root / "out" / "samples" / "A1.h5ad")
-    assert {"measured", "predicted", "predicted_mean", "predicted_ridge_hest"} <= set(a.layers)
+    assert {"measured", "pred_seed_head", "pred_mean", "pred_ridge_hest"} <= set(a.layers)  # the per-sample convention
     assert a.obsm["spatial"].shape == (a.n_obs, 2) and (a.obs[f"partition_fold{a.obs['fold'].iloc[0]}"] == "test").all()
+    assert (a.obs["partition"] == "test").all()
     assert sorted(p.name for p in (root / "out" / "maps").iterdir()) == ["A1.png", "pred_vs_measured.png"]
     with pytest.raises(InputError, match="reference"):
         write_spot_outputs(units=inp.units, splits=inp.splits, targets=inp.targets, predictions={},

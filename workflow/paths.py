@@ -10,6 +10,7 @@ Layout::
 
     results/{cohort}/simulated/{sample}/            simulated inputs (demo cohorts)
     results/{cohort}/samples/{sample}/              per-sample artifacts (the unit-table contract)
+        ingest/{format}/                            SpatialData / HEST samples converted to a bundle
         qc/  registration.json  registration_qc.png
         tiles.parquet  images.zarr  tiles_qc.png     unit geometry + image store
         tokens.zarr                                 transcripts pooled per ViT token (fusion)
@@ -17,13 +18,17 @@ Layout::
     results/{cohort}/features/{encoder}/{sample}.zarr   frozen features, rows = units
     results/{cohort}/splits/fold{k}.parquet             patient-grouped folds of the cohort's units
     results/{cohort}/{study}/...                        a study's own outputs (runs, tables, figures)
+    results/{cohort}/{study}/samples/{sample}.h5ad      per-sample predictions (AnnData layers)
+    results/{cohort}/export/{kind}/{sample}.*           `morphomol export` (SpatialData, QuPath, Explorer, h5)
     results/{cohort}/logs/{rule}/...                    one log per job
+    results/{cohort}/benchmarks/{rule}/...              Snakemake `benchmark:` records of the heavy rules
     results/tables/                                     cross-cohort summaries
 """
 
 from __future__ import annotations
 
-W = {"cohort": "{cohort}", "sample": "{sample}", "encoder": "{encoder}", "fold": "{fold}", "setting": "{setting}"}
+W = {"cohort": "{cohort}", "sample": "{sample}", "encoder": "{encoder}", "fold": "{fold}", "setting": "{setting}",
+     "format": "{format}"}
 
 
 class WorkflowPaths:
@@ -42,6 +47,10 @@ class WorkflowPaths:
 
     def simulated(self, name: str, cohort: str = W["cohort"], sample: str = W["sample"]) -> str:
         return f"{self.simulated_dir(cohort, sample)}/{name}"
+
+    def ingested(self, fmt: str = W["format"], name: str = "", cohort: str = W["cohort"], sample: str = W["sample"]) -> str:
+        """A file of a SpatialData / HEST sample converted to a bundle (``ingest/{format}/{name}``)."""
+        return f"{self.sample_dir(cohort, sample)}/ingest/{fmt}/{name}"
 
     def qc(self, cohort: str = W["cohort"], sample: str = W["sample"]) -> str:
         return f"{self.sample_dir(cohort, sample)}/qc"
@@ -89,6 +98,14 @@ class WorkflowPaths:
         """A file of one run: metrics.json, predictions.parquet, checkpoint.safetensors, checkpoint.json."""
         return f"{self.run_dir(study, cohort, setting, fold)}/{name}"
 
+    def study_sample(self, study: str, cohort: str = W["cohort"], sample: str = W["sample"]) -> str:
+        """A study's per-sample predictions as AnnData (layers ``measured``, ``pred_<setting>``)."""
+        return f"{self.study_dir(study, cohort)}/samples/{sample}.h5ad"
+
+    def export(self, kind: str, cohort: str = W["cohort"], sample: str = W["sample"], ext: str = "") -> str:
+        """Default output of ``morphomol export {kind}`` for one sample (``{sample}{ext}``)."""
+        return f"{self.root}/{cohort}/export/{kind}/{sample}{ext}"
+
     def tables_dir(self, study: str, cohort: str = W["cohort"]) -> str:
         return f"{self.study_dir(study, cohort)}/tables"
 
@@ -97,6 +114,13 @@ class WorkflowPaths:
 
     def cross_cohort(self, name: str) -> str:
         return f"{self.root}/tables/{name}"
+
+    # ---------------------------------------------------------------- benchmarks
+    def benchmark(self, rule: str, *parts: str, cohort: str = W["cohort"]) -> str:
+        """``results/{cohort}/benchmarks/{rule}/{part}/.../{last}.tsv`` (parts default to the sample):
+        wall time, memory and I/O of a heavy rule's job (Snakemake ``benchmark:``)."""
+        tail = "/".join(parts) if parts else W["sample"]
+        return f"{self.root}/{cohort}/benchmarks/{rule}/{tail}.tsv"
 
     # ---------------------------------------------------------------- logs
     def log(self, rule: str, *parts: str, cohort: str = W["cohort"]) -> str:

@@ -392,10 +392,12 @@ def tokens_sample(
     *, tiles: str | Path, tiles_store: str | Path, registration: str | Path, xenium_dir: str | Path,
     out_tokens: str | Path, out_units: str | Path, panel: dict[str, Any] | None = None, sample: str | None = None,
     patient: str | None = None, io: IOConfig | None = None, chunk_tiles: int = 64, buffer_size: int = 1 << 23,
+    he_path: str | Path | None = None, he_mpp: float | None = None,
 ) -> None:
     """Per-sample rule: pool transcripts onto the tokens of the kept tiles; write tokens.zarr (the
     loader's store) and the unit table units.h5ad (tiles x genes counts, obs = tiles.parquet,
-    ``obsm['spatial']`` = tile centres in µm). ``io``: qv filter and batch size (default qv >= 20)."""
+    ``obsm['spatial']`` = tile centres in µm; with ``he_path``: ``uns['spatial']``, the H&E in the µm
+    frame). ``io``: qv filter and batch size (default qv >= 20)."""
     import zarr
 
     from morphomol.data.units import write_units
@@ -433,7 +435,16 @@ def tokens_sample(
             raise InputError(f"sample {sample}: tile {table['tile_id'].iloc[bad]} has {got[bad]} transcripts in the "
                              f"token pass but {want[bad]} in tiles.parquet (inputs changed between rules?)",
                              file=tiles, field="n_transcripts", expected="identical transcript counts")
-        write_units(out_units, table, tc, genes, spatial_um=table[["x_um", "y_um"]].to_numpy(np.float64), unit="tile",
+        spatial = table[["x_um", "y_um"]].to_numpy(np.float64)
+        image = None
+        if he_path is not None:  # the H&E under the tiles (drawn as circles of the stride's size)
+            from morphomol.registration.warp import spatial_image
+
+            image = spatial_image(he_path, spatial_um=spatial, registration=reg, he_mpp=he_mpp, library_id=sample,
+                                  spot_diameter_um=float(attrs.get("stride") or attrs.get("tile_px", 0))
+                                  * float(attrs.get("mpp") or 1.0))
+        write_units(out_units, table, tc, genes, spatial_um=spatial, unit="tile",
                     sample=sample, patient=patient, index_col="tile_id",
-                    uns={"tile_px": attrs.get("tile_px"), "tile_mpp": attrs.get("mpp"), "he_mpp": attrs.get("he_mpp")})
+                    uns={"tile_px": attrs.get("tile_px"), "tile_mpp": attrs.get("mpp"), "he_mpp": attrs.get("he_mpp")},
+                    spatial_image=image)
     log.info("%s: %d tiles written in %.1f s", sample, len(table), time.perf_counter() - t0)

@@ -203,6 +203,8 @@ rule cells_train:
         seed=lambda w: cfg_of(w).seed,
     log:
         P.log("cells_train", "fold{fold}"),
+    benchmark:
+        P.benchmark("cells_train", "fold{fold}")
     threads: resource("train_threads")
     resources:
         gpu=lambda w: cfg_of(w).cells.train.gpus,

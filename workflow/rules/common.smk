@@ -16,6 +16,7 @@ from paths import WorkflowPaths  # noqa: E402  (workflow/paths.py: every results
 from morphomol.config import load_config  # noqa: E402
 from morphomol.config.sections import to_plain  # noqa: E402
 from morphomol.errors import MorphomolError  # noqa: E402
+from morphomol.io.sheets import INGESTED, sample_sources  # noqa: E402
 from morphomol.io.xenium_layout import bundle_files  # noqa: E402
 
 
@@ -114,8 +115,27 @@ SIMULATED_XENIUM = {
 }
 
 
+def sources(w):
+    """Where the sample's inputs are, whatever its format (morphomol.io.sheets.sample_sources)."""
+    return sample_sources(cohort_of(w), w.sample, P)
+
+
 def xenium_dir(w):
-    return cohort_of(w).field(w.sample, "xenium_dir")
+    """The Xenium bundle a rule reads: the sheet's, or the converted bundle of a SpatialData / HEST sample."""
+    return sources(w).xenium_dir
+
+
+def he_path(w):
+    """The sample's H&E: the sheet's (or discovered / HEST default) he_path; SpatialData: the converted OME-TIFF."""
+    return sources(w).he_path
+
+
+def hest_file(w, name):
+    """transcripts / metadata of a HEST-1k sample (hest_id filled from sample_id when the config loaded)."""
+    from morphomol.io.hest import hest_xenium_files
+
+    c = cohort_of(w)
+    return hest_xenium_files(c.field(w.sample, "hest_dir"), c.field(w.sample, "hest_id") or w.sample)[name]
 
 
 def xenium_inputs(*names):
@@ -126,6 +146,9 @@ def xenium_inputs(*names):
         c = cohort_of(w)
         if c.simulate is not None:
             return {n: P.simulated(SIMULATED_XENIUM[n], w.cohort, w.sample) for n in names}
+        conv = sources(w).ingested
+        if conv:  # converted bundles have no morphology image
+            return {n: conv[n] for n in names if n in ("experiment", "transcripts")}
         found = bundle_files(Path(xenium_dir(w)), morphology="morphology" in names)
         return {n: str(found[n]) for n in names if n in found}
 
@@ -133,10 +156,12 @@ def xenium_inputs(*names):
 
 
 def register_inputs(w):
-    """the bundle's files and the H&E always; alignment / regions when the sample sheet names them."""
-    files = {**xenium_inputs("experiment", "transcripts", "morphology")(w), "he": sample_field("he_path")(w)}
+    """the bundle's files and the H&E always; alignment / regions when the sample sheet names them (a
+    pre-aligned sample: the alignment its ingest rule wrote)."""
+    src = sources(w)
+    files = {**xenium_inputs("experiment", "transcripts", "morphology")(w), "he": src.he_path}
     for col in ("alignment", "regions"):
-        value = sample_field(col)(w)
+        value = getattr(src, col)
         if value:
             files[col] = value
     return files

@@ -17,12 +17,12 @@ include: "features_functions.smk"
 
 for _cohort in COHORTS:
     for _k, _group in enumerate(feature_groups(_cohort)):
-        _res = {"gpu": 1, "mem_mb": int(cfg_of(_cohort).resources.gpu_mem_mb), "runtime": 120,
-                **_profile_resources("features")}
+        _res = {"gpu": 1, "mem_mb": int(cfg_of(_cohort).resources.gpu_mem_mb), "runtime": 120}
+        _name = re.sub(r"\W", "_", f"features_{_cohort}_{_k}")
 
         rule:
             name:
-                re.sub(r"\W", "_", f"features_{_cohort}_{_k}")
+                _name
             input:
                 unpack(features_group_inputs(_cohort, _group)),
             output:
@@ -41,3 +41,5 @@ for _cohort in COHORTS:
                 "../../envs/morphomol.yaml"
             script:
                 "../../scripts/features.py"
+
+        apply_profile_resources(_name, "features")

@@ -24,7 +24,11 @@ def features_group_inputs(cohort, samples):
     return get
 
 
-def _profile_resources(name):
-    """A profile's `set-resources: <name>:` (parsed), for generated rules whose names differ."""
-    parsed = getattr(getattr(workflow, "resource_settings", None), "_parsed_overwrite_resources", None) or {}
-    return dict(parsed.get(name, {}))
+def apply_profile_resources(rule_name, profile_name):
+    """Apply a profile's `set-resources: <profile_name>:` to a generated rule, exactly as Snakemake
+    applies it to a rule of that name (generated rules cannot be named in a profile)."""
+    from snakemake.resources import Resources
+
+    overwrite = workflow.resource_settings.overwrite_resources.get(profile_name)
+    if overwrite:
+        workflow.get_rule(rule_name).resources.update(Resources.from_mapping(overwrite))

@@ -8,13 +8,16 @@
 #     min_mae      the Min-MAE baseline: CPU
 #     clip         CLIP pretraining + recall@k (Table A.2): GPU
 #   ridge       results/{cohort}/fusion/runs/ridge_{encoder}/fold{k}/  HEST-style probe on cached features
+#   sample_predictions  results/{cohort}/fusion/samples/{sample}.h5ad  per-sample AnnData: layers measured,
+#                   pred_<setting>; obs fold, partition (morphomol.export.predictions)
 #   tables      results/{cohort}/fusion/tables/  Table A.1 / A.2, per-gene, t-tests, metadata, plots/
 #   cross_cohort  results/tables/cross_cohort.{csv,md}  when several fusion cohorts are configured
 #
 # Settings come from each cohort's `experiments.settings_file` (config/experiments/table_a1.yaml);
 # settings whose encoders lack configured weights are not run (their table rows say why). Training is
 # preemption-safe: SIGTERM / SIGUSR1 -> runs/{setting}/fold{k}/resume.pt + exit 143; the retried job
-# resumes from it onto identical inputs and ends with the same metrics.
+# resumes from it onto identical inputs and ends with the same metrics (profiles/slurm sends USR1 300 s before
+# the time limit). Each run also writes history.csv and learning_curve.png (per epoch, while it trains).
 
 include: "fusion_functions.smk"
 
@@ -61,6 +64,8 @@ rule fusion_train:
         num_workers=None,  # training.num_workers loader workers feed the GPU
     log:
         P.log("fusion_train", "{setting}", "fold{fold}"),
+    benchmark:
+        P.benchmark("fusion_train", "{setting}", "fold{fold}")
     threads: resource("train_threads")
     resources:
         gpu=resource("train_gpus"),  # > 1: data-parallel (DDP) in that many torchrun processes
@@ -127,6 +132,8 @@ rule fusion_clip:
         num_workers=None,
     log:
         P.log("fusion_train", "{setting}", "fold{fold}"),
+    benchmark:
+        P.benchmark("fusion_train", "{setting}", "fold{fold}")
     threads: resource("train_threads")
     resources:
         gpu=resource("train_gpus"),  # > 1: data-parallel (DDP) in that many torchrun processes
@@ -164,6 +171,30 @@ rule fusion_ridge:
         "../../envs/morphomol.yaml"
     script:
         "../../scripts/fusion_ridge.py"
+
+
+# ------------------------------------------------------------------------------ per-sample predictions
+rule fusion_sample_predictions:
+    input:
+        units=P.units(),
+        splits=lambda w: [P.split(w.cohort, k) for k in folds_of(w.cohort)],
+        predictions=lambda w: [p for ps in fusion_predictions(w.cohort).values() for p in ps],
+    output:
+        P.study_sample(FUSION),
+    wildcard_constraints:
+        cohort=study_cohort_regex(FUSION),
+    params:
+        predictions=lambda w: fusion_predictions(w.cohort),
+    log:
+        P.log("fusion_sample_predictions"),
+    threads: 1
+    resources:
+        mem_mb=resource("cpu_mem_mb"),
+        runtime=20,
+    conda:
+        "../../envs/morphomol.yaml"
+    script:
+        "../../scripts/fusion_sample_predictions.py"
 
 
 # ------------------------------------------------------------------------------ tables, figures
@@ -224,8 +255,8 @@ rule fusion_plots:
         cohort=study_cohort_regex(FUSION),
     params:
         samples=lambda w: samples_of(w.cohort),
-        slides=lambda w: {s: {"he_path": cohort_of(w).field(s, "he_path"), "he_mpp": cohort_of(w).field(s, "he_mpp")}
-                          for s in samples_of(w.cohort)},
+        slides=lambda w: {s: {"he_path": sample_sources(cohort_of(w), s, P).he_path,
+                              "he_mpp": cohort_of(w).field(s, "he_mpp")} for s in samples_of(w.cohort)},
         predictions=lambda w: fusion_predictions(w.cohort),
         tables=section("tables"),
     log:

@@ -59,6 +59,8 @@ def fusion_targets(cohort):
         out += [P.qc(cohort, s), P.registration(cohort, s), P.tiles(cohort, s), P.tokens(cohort, s)]
     out += [P.table(FUSION, n, cohort) for n in ("table_a1.csv", "table_a2.csv", "ttests.csv", "run_metadata.json",
                                                   "plots")]
+    if fusion_predictions(cohort):
+        out += [P.study_sample(FUSION, cohort, s) for s in samples_of(cohort)]
     if len(study_cohorts(FUSION)) > 1:
         out.append(P.cross_cohort("cross_cohort.csv"))
     return out

@@ -6,7 +6,7 @@
 rule qc:
     input:
         unpack(xenium_inputs("experiment", "transcripts")),
-        he=sample_field("he_path"),
+        he=he_path,
     output:
         directory(P.qc()),
     wildcard_constraints:

@@ -1,6 +1,7 @@
 # Per-sample registration H&E -> Xenium (morphomol.registration): one affine per tissue region from
 # DAPI landmarks (keypoints CSV) or a 10x alignment matrix, else image-based; residual QC, robust
-# outlier flagging, image refinement. Bad input -> InputError in the log, no outputs.
+# outlier flagging, image refinement. SpatialData / HEST samples (ingest.smk): their pre-alignment as it is
+# (prealigned: no refinement; QC = transcript density over the H&E). Bad input -> InputError in the log, no outputs.
 
 
 rule register:
@@ -23,8 +24,11 @@ rule register:
         registration=section("registration"),
         io=section("io"),
         seed=lambda w: cfg_of(w).seed,
+        prealigned=lambda w: sources(w).prealigned,
     log:
         P.log("register"),
+    benchmark:
+        P.benchmark("register")
     threads: 1
     resources:
         mem_mb=4000,

@@ -67,6 +67,8 @@ rule spots_units:
         spots=spots_section("patches", "geometry"),
     log:
         P.log("spots_units"),
+    benchmark:
+        P.benchmark("spots_units")
     threads: 1
     resources:
         mem_mb=resource("cpu_mem_mb"),
@@ -169,6 +171,8 @@ rule spots_train:
         device=lambda w: cfg_of(w).features.device if spots_cfg(w).training.gpu else "cpu",
     log:
         P.log("spots_train", "{setting}"),
+    benchmark:
+        P.benchmark("spots_train", "{setting}")
     threads: resource("train_threads")
     resources:
         gpu=lambda w: 1 if spots_cfg(w).training.gpu else 0,

@@ -6,7 +6,7 @@ rule tile:
     input:
         unpack(xenium_inputs("experiment", "transcripts")),
         registration=P.registration(),
-        he=sample_field("he_path"),
+        he=he_path,
     output:
         tiles=P.tiles(),
         store=directory(P.image_store()),
@@ -27,6 +27,8 @@ rule tile:
         io=section("io"),
     log:
         P.log("tile"),
+    benchmark:
+        P.benchmark("tile")
     threads: 1
     resources:
         mem_mb=4000,

@@ -1,6 +1,7 @@
 # Per sample: pool transcripts onto the 14x14 token grid of every kept tile (second streaming pass):
 # tokens.zarr (all non-control genes, the loader's store) and the unit table units.h5ad (tiles x
-# genes counts, obsm['spatial'] in µm: the per-sample contract every study shares).
+# genes counts, obsm['spatial'] in µm, uns['spatial'] the H&E in that µm frame: the per-sample contract
+# every study shares; sc.pl.spatial / squidpy read it directly).
 
 
 rule tokens:
@@ -9,6 +10,7 @@ rule tokens:
         tiles=P.tiles(),
         store=P.image_store(),
         registration=P.registration(),
+        he=he_path,
     output:
         tokens=directory(P.tokens()),
         units=P.units(),
@@ -17,11 +19,14 @@ rule tokens:
     params:
         xenium_dir=xenium_dir,
         patient_id=sample_field("patient_id"),
+        he_mpp=sample_field("he_mpp"),
         io=section("io"),
         chunk_tiles=lambda w: cfg_of(w).tiling.chunk_tiles,
         panel=lambda w: cohort_of(w).panel.to_dict(),
     log:
         P.log("tokens"),
+    benchmark:
+        P.benchmark("tokens")
     threads: 1
     resources:
         mem_mb=4000,

@@ -222,6 +222,8 @@ def load_cohort(name: str, cpath: str | Path, raw_base: dict[str, Any], *, workd
     simulate = own.get("simulate")
     samples_path = workdir / own["samples"]
     samples = read_sample_sheet(samples_path, kind, check_files=simulate is None, workdir=workdir)
+    if kind.resolve is not None:  # defaults and discovered files (e.g. a bundle's H&E), before any job
+        samples = kind.resolve(samples, sheet=samples_path, workdir=workdir, simulated=simulate is not None)
     panel = None
     if own.get("panel"):
         panel = read_panel(workdir / own["panel"], merged["panels"]["mode"])

@@ -9,7 +9,9 @@ Snakemake builds the DAG).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from morphomol.errors import InputError
 
@@ -25,6 +27,8 @@ class CohortKind:
     numeric_columns: tuple[str, ...] = ()
     studies: tuple[str, ...] = ()      # default studies of a cohort of this kind
     needs_panel: bool = False          # the cohort YAML must name a panel
+    #: (sheet DataFrame, sheet=, workdir=, simulated=) -> DataFrame with defaults / discovered paths filled
+    resolve: Callable[..., Any] | None = None
 
     @property
     def sheet_schema(self) -> str:
@@ -59,14 +63,22 @@ def kinds() -> dict[str, CohortKind]:
     return dict(_KINDS)
 
 
+def _resolve_xenium(df: Any, **kw: Any) -> Any:
+    from morphomol.io.sheets import resolve_xenium_sheet
+
+    return resolve_xenium_sheet(df, **kw)
+
+
 register_kind(CohortKind(
     name="xenium",
-    description="10x Xenium output bundles, each with its H&E slide (fusion study)",
-    required=("sample_id", "patient_id", "xenium_dir", "he_path"),
-    columns=("sample_id", "patient_id", "xenium_dir", "he_path", "he_mpp", "alignment", "regions"),
-    path_columns=("xenium_dir", "he_path", "alignment", "regions"),
-    dir_columns=("xenium_dir",),
+    description="10x Xenium bundles with their H&E, SpatialData zarrs or HEST-1k Xenium samples (fusion study)",
+    required=("sample_id", "patient_id"),
+    columns=("sample_id", "patient_id", "xenium_dir", "he_path", "he_mpp", "alignment", "regions", "format", "sdata",
+             "sdata_image", "hest_dir", "hest_id"),
+    path_columns=("xenium_dir", "he_path", "alignment", "regions", "sdata", "hest_dir"),
+    dir_columns=("xenium_dir", "sdata", "hest_dir"),
     numeric_columns=("he_mpp",),
     studies=("fusion",),
     needs_panel=True,
+    resolve=_resolve_xenium,
 ))

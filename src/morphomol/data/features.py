@@ -4,9 +4,15 @@ Layout (a zarr v3 group), row ``i`` = tile ``i`` of the sample (unit ``{sample}_
 
 * ``features`` (N, D) float32;
 * ``tokens`` (N, T, D) float16, optional (patch tokens);
+* ``barcodes`` (N,) string: the unit ids (``{sample}__{index:06d}``), ``coords_px`` (N, 2) float64:
+  unit centres in level-0 H&E px, ``coords_um`` (N, 2) float64: unit centres in µm (the unit table's
+  ``obsm['spatial']``), so that a store can be used without the unit table (HEST / TRIDENT style).
+  Taken from the unit geometry written next to the image store (``tiles.parquet`` of the fusion
+  study, else ``units.h5ad``: :func:`unit_geometry`); stores written before this existed lack them
+  (:func:`read_feature_units` then returns None and readers fall back on the unit table);
 * attrs ``encoder``, ``weights_sha256`` (or ``random-init:seed=N``), ``dim``, ``n_tiles``,
   ``tiles_store``, ``pooling``, ``arch`` (geometry), ``precision``, ``kind`` and, with tokens,
-  ``n_tokens``.
+  ``n_tokens``; with unit geometry ``units_from`` (the file it came from).
 
 Written by :func:`morphomol.features.extract_features` through :func:`open_features_writer`
 (a temporary sibling renamed on success, so a failed job leaves nothing behind); read by
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +35,9 @@ from morphomol.util.jsonio import json_safe
 
 FEATURES = "features"
 TOKENS = "tokens"
+BARCODES = "barcodes"
+COORDS_PX = "coords_px"
+COORDS_UM = "coords_um"
 
 
 def open_zarr_group(path: str | Path) -> Any:
@@ -126,6 +136,99 @@ def feature_rows(paths: Mapping[str, str | Path], unit_ids: Sequence[str]) -> np
     return out
 
 
+# --------------------------------------------------------------------------------- unit geometry
+@dataclass(frozen=True)
+class UnitGeometry:
+    """Unit ids and centres of a sample's units (row i = unit i)."""
+
+    barcodes: np.ndarray   # (N,) str
+    coords_px: np.ndarray  # (N, 2) float64, level-0 H&E px (NaN where a unit has no H&E position)
+    coords_um: np.ndarray  # (N, 2) float64, µm
+    source: str = ""
+    size_px: float | None = None  # unit side / patch size in level-0 px (tiles), when known
+
+    def __len__(self) -> int:
+        return len(self.barcodes)
+
+
+def geometry_from_obs(obs: Any, spatial_um: np.ndarray | None, source: str = "") -> UnitGeometry:
+    """Unit geometry of a unit-table obs: tiles (``x_px, y_px`` top-left + ``size_px``), spots (``x_px,
+    y_px`` centres) or cells (``he_x_px, he_y_px``); µm from ``spatial_um`` or ``x_um, y_um``."""
+    n = len(obs)
+    cols = set(obs.columns)
+    px = np.full((n, 2), np.nan)
+    size = None
+    if {"x_px", "y_px"} <= cols:
+        px = obs[["x_px", "y_px"]].to_numpy(np.float64)
+        if "size_px" in cols:
+            sz = obs["size_px"].to_numpy(np.float64)
+            px = px + sz[:, None] / 2.0
+            size = float(np.nanmedian(sz)) if n else None
+    elif {"he_x_px", "he_y_px"} <= cols:
+        px = obs[["he_x_px", "he_y_px"]].to_numpy(np.float64)
+    if spatial_um is not None:
+        um = np.asarray(spatial_um, np.float64).reshape(n, 2)
+    elif {"x_um", "y_um"} <= cols:
+        um = obs[["x_um", "y_um"]].to_numpy(np.float64)
+    else:
+        um = np.full((n, 2), np.nan)
+    ids = obs["tile_id"].astype(str).to_numpy() if "tile_id" in cols else np.asarray(obs.index.astype(str))
+    return UnitGeometry(np.asarray(ids, dtype=object), px, um, source, size)
+
+
+def unit_geometry(image_store: str | Path, n: int | None = None) -> UnitGeometry | None:
+    """The unit geometry written next to an image (or token) store: ``tiles.parquet`` (fusion tiles, same
+    rule as the store) or ``units.h5ad`` (spots, cells, slides: written with or before the store). None
+    when neither exists or its row count differs from ``n`` (the store then gets no geometry)."""
+    import pandas as pd
+
+    if not str(image_store):
+        return None
+    d = Path(image_store).parent
+    geo = None
+    if (d / "tiles.parquet").is_file():
+        t = pd.read_parquet(d / "tiles.parquet")
+        geo = geometry_from_obs(t, None, str(d / "tiles.parquet"))
+    elif (d / "units.h5ad").is_file():
+        from morphomol.data.units import read_units
+
+        a = read_units(d / "units.h5ad", backed=True)
+        try:
+            sp = np.asarray(a.obsm["spatial"]) if "spatial" in a.obsm else None
+            geo = geometry_from_obs(a.obs, sp, str(d / "units.h5ad"))
+        finally:
+            a.file.close()
+    if geo is None or (n is not None and len(geo) != n):
+        return None
+    return geo
+
+
+def write_unit_geometry(group: Any, geo: UnitGeometry) -> None:
+    """``barcodes`` / ``coords_px`` / ``coords_um`` arrays into an open zarr group."""
+    n = len(geo)
+    rows = max(1, min(n, 1 << 16))
+    b = group.create_array(BARCODES, shape=(n,), dtype=str, chunks=(rows,))
+    if n:
+        b[:] = np.asarray(geo.barcodes, dtype=object)
+    for name, arr in ((COORDS_PX, geo.coords_px), (COORDS_UM, geo.coords_um)):
+        group.create_array(name, data=np.asarray(arr, np.float64).reshape(n, 2), chunks=(rows, 2))
+    if geo.size_px is not None:
+        group.attrs["unit_size_px"] = float(geo.size_px)
+
+
+def read_feature_units(path: str | Path) -> UnitGeometry | None:
+    """The unit ids and centres stored with a features store, or None (an older store without them)."""
+    g = open_zarr_group(path)
+    if BARCODES not in g or COORDS_PX not in g or COORDS_UM not in g:
+        return None
+    n = int(g[BARCODES].shape[0])
+    ids = np.asarray(g[BARCODES][:], dtype=object) if n else np.zeros(0, dtype=object)
+    size = g.attrs.get("unit_size_px")
+    return UnitGeometry(np.asarray([str(v) for v in ids], dtype=object), np.asarray(g[COORDS_PX][:], np.float64),
+                        np.asarray(g[COORDS_UM][:], np.float64), str(g.attrs.get("units_from", "")),
+                        float(size) if size is not None else None)
+
+
 # --------------------------------------------------------------------------------- writing
 
 
@@ -166,8 +269,10 @@ class FeaturesWriter:
                 self.tokens[start:stop] = tokens
 
     def finish(self, *, encoder: str, weights_sha256: str, tiles_store: str | Path, pooling: str,
-               arch: Mapping[str, Any], precision: str, kind: str) -> dict[str, Any]:
-        """Write the attrs (``dim``, ``n_tiles``, ``n_tokens`` from the store's shape); returns them."""
+               arch: Mapping[str, Any], precision: str, kind: str, units: UnitGeometry | None = None) -> dict[str, Any]:
+        """Write the attrs (``dim``, ``n_tiles``, ``n_tokens`` from the store's shape) and the unit ids and
+        centres (``units``; default: :func:`unit_geometry` of ``tiles_store``); returns the attrs."""
+        geo = units if units is not None else unit_geometry(tiles_store, self.n)
         attrs = {
             "encoder": encoder,
             "weights_sha256": str(weights_sha256),
@@ -180,6 +285,9 @@ class FeaturesWriter:
             "kind": kind,
             **({"n_tokens": self.n_tokens} if self.n_tokens is not None else {}),
         }
+        if geo is not None:
+            write_unit_geometry(self.group, geo)
+            attrs["units_from"] = geo.source
         self.group.attrs.update(attrs)
         self.finished = True
         return attrs
@@ -204,7 +312,7 @@ def open_features_writer(path: str | Path, n: int, dim: int, *, chunk_rows: int,
 def write_features(path: str | Path, features: np.ndarray, *, encoder: str, weights_sha256: str = "unknown",
                    tiles_store: str | Path = "", pooling: str = "", arch: Mapping[str, Any] | None = None,
                    precision: str = "fp32", kind: str = "image", tokens: np.ndarray | None = None,
-                   chunk_rows: int | None = None) -> Path:
+                   chunk_rows: int | None = None, units: UnitGeometry | None = None) -> Path:
     """Write a whole features store at once (fixtures, tests, re-packing): same layout as the
     features rule's output."""
     feats = np.asarray(features, dtype=np.float32)
@@ -216,9 +324,10 @@ def write_features(path: str | Path, features: np.ndarray, *, encoder: str, weig
     with open_features_writer(path, n, dim, chunk_rows=rows, n_tokens=n_tokens) as w:
         w.write(0, n, feats, None if tokens is None else np.asarray(tokens, dtype=np.float16))
         w.finish(encoder=encoder, weights_sha256=weights_sha256, tiles_store=tiles_store, pooling=pooling,
-                 arch=arch or {}, precision=precision, kind=kind)
+                 arch=arch or {}, precision=precision, kind=kind, units=units)
     return Path(path)
 
 
 __all__ = ["open_zarr_group", "read_features", "read_features_attrs", "feature_rows", "parse_unit_id",
-           "FeaturesWriter", "open_features_writer", "write_features"]
+           "FeaturesWriter", "open_features_writer", "write_features", "UnitGeometry", "geometry_from_obs",
+           "unit_geometry", "write_unit_geometry", "read_feature_units"]

@@ -9,12 +9,20 @@ a cell) of one sample:
   x_um, y_um, region, n_transcripts, ...``);
 * ``obsm['spatial']``: (N, 2) float64 unit centres in µm (the sample's transcript / spot frame);
 * ``X``: raw counts (CSR, float32 holding integers), ``var_names`` = genes;
-* ``uns['morphomol']``: ``{"unit": "tile" | "spot" | "cell", "sample": ..., ...}``.
+* ``uns['morphomol']``: ``{"unit": "tile" | "spot" | "cell", "sample": ..., ...}``;
+* ``uns['spatial'][library_id]`` (when the sample has an H&E; the scanpy / squidpy / Space Ranger
+  convention): ``images: {hires: (H, W, 3) uint8}`` = the H&E resampled into the units' µm frame
+  (:mod:`morphomol.registration.warp`), ``scalefactors: {tissue_hires_scalef: hires px per µm,
+  spot_diameter_fullres: unit diameter in µm}`` (the coordinates are µm, so "full resolution" is
+  1 px = 1 µm), ``metadata: {source_image, he_mpp, coordinates: "µm"}``. ``library_id`` = the sample;
+  ``sc.pl.spatial(a, library_id=sample)`` draws the units over the H&E, ``sq.gr.spatial_neighbors(a)``
+  builds the neighbour graph from ``obsm['spatial']``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +35,33 @@ from morphomol.util.atomic import atomic_path
 UNIT_KINDS = ("tile", "spot", "cell")
 
 
+@dataclass(frozen=True)
+class SpatialImage:
+    """A downsampled H&E in the units' µm frame (built by :func:`morphomol.registration.warp.spatial_image`)."""
+
+    library_id: str
+    hires: np.ndarray          # (H, W, 3) uint8; pixel (0, 0) is µm (0, 0)
+    scalef: float              # hires px per µm
+    spot_diameter_um: float    # drawn unit size (tiles: the stride; spots: the spot; cells: ~a nucleus)
+    source: str = ""
+    he_mpp: float | None = None
+
+    def to_uns(self) -> dict[str, Any]:
+        """``uns['spatial']`` in the scanpy / squidpy convention."""
+        return {self.library_id: {
+            "images": {"hires": np.ascontiguousarray(self.hires, dtype=np.uint8)},
+            "scalefactors": {"tissue_hires_scalef": float(self.scalef),
+                             "spot_diameter_fullres": float(self.spot_diameter_um)},
+            "metadata": {"source_image": self.source, "he_mpp": float(self.he_mpp or float("nan")),
+                         "coordinates": "µm"},
+        }}
+
+
 def write_units(path: str | Path, obs: pd.DataFrame, counts: Any, genes: Sequence[str], *, spatial_um: np.ndarray,
                 unit: str, sample: str, patient: str | None = None, uns: Mapping[str, Any] | None = None,
-                index_col: str | None = None) -> Path:
-    """Write ``units.h5ad`` atomically. ``counts``: (N, G) dense or sparse raw counts."""
+                index_col: str | None = None, spatial_image: SpatialImage | None = None) -> Path:
+    """Write ``units.h5ad`` atomically. ``counts``: (N, G) dense or sparse raw counts; ``spatial_image``:
+    the H&E in the µm frame, stored as ``uns['spatial']`` (see the module docstring)."""
     import anndata as ad
     import scipy.sparse as sp
 
@@ -54,6 +85,8 @@ def write_units(path: str | Path, obs: pd.DataFrame, counts: Any, genes: Sequenc
     a.obsm["spatial"] = spatial
     a.uns["morphomol"] = {"unit": unit, "sample": str(sample), **({"patient": str(patient)} if patient else {}),
                           **dict(uns or {})}
+    if spatial_image is not None:
+        a.uns["spatial"] = spatial_image.to_uns()
     path = Path(path)
     with atomic_path(path) as tmp:
         a.write_h5ad(tmp)

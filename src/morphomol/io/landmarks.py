@@ -7,9 +7,8 @@ Formats
   column (label of the tissue region the landmark belongs to). Extra columns are ignored.
 * Alignment matrix CSV (``*_he_imagealignment.csv``): headerless 3×3 affine, comma (or
   whitespace) separated, mapping H&E pixels → morphology pixels.
-* Regions GeoJSON: a FeatureCollection / Feature / Polygon / MultiPolygon in Xenium µm.
-  Region names come from ``properties.name`` (or ``region``, ``id``, QuPath
-  ``classification.name``), else ``r{i}``.
+* Regions: GeoJSON polygons / multipolygons (holes kept) or Xenium Explorer selection CSVs in
+  Xenium µm: :mod:`morphomol.io.regions` (re-exported here).
 
 :func:`read_alignment` detects keypoints vs matrix by content, not by file name.
 """
@@ -18,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from morphomol.errors import InputError
+from morphomol.io.regions import RegionPolygon, read_regions, read_regions_geojson  # noqa: F401  (re-exported)
 
 KEYPOINT_COLUMNS = ("fixedX", "fixedY", "alignmentX", "alignmentY")
 REGION_COLUMN = "region"
@@ -48,12 +47,6 @@ class Keypoints:
 
     def __len__(self) -> int:
         return int(self.fixed_px.shape[0])
-
-
-@dataclass
-class RegionPolygon:
-    name: str
-    polygon_um: np.ndarray  # (k, 2) exterior ring, Xenium µm, not repeated at the end
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -191,97 +184,6 @@ def read_alignment(path: str | Path) -> Keypoints | np.ndarray:
     """Read either input format, detected by content: a :class:`Keypoints` or a 3×3 matrix."""
     kind = detect_alignment_format(path)
     return read_alignment_matrix(path) if kind == "matrix" else read_keypoints(path)
-
-
-def _region_name(props: dict | None, i: int) -> str:
-    props = props or {}
-    for key in ("name", "region", "id", "label"):
-        v = props.get(key)
-        if v not in (None, ""):
-            return str(v)
-    cls = props.get("classification")
-    if isinstance(cls, dict) and cls.get("name"):
-        return str(cls["name"])
-    return f"r{i}"
-
-
-def _ring(coords, path: Path, name: str) -> np.ndarray:
-    try:
-        arr = np.asarray(coords, dtype=float)
-    except (TypeError, ValueError):
-        raise InputError(f"region {name!r} has malformed coordinates", file=path, field="coordinates",
-                         expected="[[x, y], ...] in Xenium µm") from None
-    if arr.ndim != 2 or arr.shape[1] < 2:
-        raise InputError(f"region {name!r} has malformed coordinates", file=path, field="coordinates",
-                         expected="[[x, y], ...] in Xenium µm")
-    arr = arr[:, :2]
-    if len(arr) > 1 and np.allclose(arr[0], arr[-1]):
-        arr = arr[:-1]
-    if len(arr) < 3 or not np.all(np.isfinite(arr)):
-        raise InputError(f"region {name!r} polygon has {len(arr)} valid vertices", file=path,
-                         field="coordinates", expected="a polygon with at least 3 finite vertices")
-    return arr
-
-
-def _area(ring: np.ndarray) -> float:
-    x, y = ring[:, 0], ring[:, 1]
-    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
-
-
-def read_regions_geojson(path: str | Path) -> list[RegionPolygon]:
-    """Read region polygons (Xenium µm). MultiPolygons keep their largest part (exterior ring)."""
-    path = Path(path)
-    try:
-        doc = json.loads(_read_text(path))
-    except json.JSONDecodeError as exc:
-        raise InputError(f"not valid JSON ({exc.msg} at line {exc.lineno})", file=path,
-                         expected="a GeoJSON FeatureCollection of polygons in Xenium µm") from None
-    if isinstance(doc, list):
-        features = doc
-    elif isinstance(doc, dict) and doc.get("type") == "FeatureCollection":
-        features = doc.get("features") or []
-    elif isinstance(doc, dict) and doc.get("type") == "Feature":
-        features = [doc]
-    elif isinstance(doc, dict) and doc.get("type") in ("Polygon", "MultiPolygon"):
-        features = [{"type": "Feature", "geometry": doc, "properties": {}}]
-    else:
-        raise InputError("unrecognised GeoJSON document", file=path, field="type",
-                         expected="FeatureCollection, Feature, Polygon or MultiPolygon")
-    out: list[RegionPolygon] = []
-    for i, feat in enumerate(features):
-        geom = feat.get("geometry") if isinstance(feat, dict) else None
-        name = _region_name(feat.get("properties") if isinstance(feat, dict) else None, i)
-        if not isinstance(geom, dict):
-            raise InputError(f"feature {i} ({name!r}) has no geometry", file=path, field="geometry",
-                             expected="a Polygon or MultiPolygon")
-        gtype = geom.get("type")
-        coords = geom.get("coordinates")
-        if gtype == "Polygon":
-            if not coords:
-                raise InputError(f"region {name!r} has no coordinates", file=path, field="coordinates",
-                                 expected="a polygon ring")
-            ring = _ring(coords[0], path, name)
-        elif gtype == "MultiPolygon":
-            rings = [_ring(p[0], path, name) for p in (coords or []) if p]
-            if not rings:
-                raise InputError(f"region {name!r} has no polygons", file=path, field="coordinates",
-                                 expected="at least one polygon")
-            ring = max(rings, key=_area)
-        else:
-            raise InputError(f"feature {i} ({name!r}) has geometry type {gtype!r}", file=path,
-                             field="geometry.type", expected="Polygon or MultiPolygon")
-        if _area(ring) <= 0:
-            raise InputError(f"region {name!r} polygon has zero area", file=path, field="coordinates",
-                             expected="a non-degenerate polygon")
-        out.append(RegionPolygon(name=name, polygon_um=ring))
-    if not out:
-        raise InputError("no region polygons", file=path, field="features", expected="at least one polygon")
-    names = [r.name for r in out]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise InputError(f"duplicate region names {dup}", file=path, field="properties.name",
-                         expected="unique region names")
-    return out
 
 
 def write_keypoints(path: str | Path, fixed_px: np.ndarray, moving_px: np.ndarray,

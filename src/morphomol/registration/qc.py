@@ -106,3 +106,84 @@ def write_qc_png(path: str | Path, reg: Registration, qc: list[RegionQC], dapi: 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
+
+
+# ------------------------------------------------------------------ without a DAPI image
+DENSITY_STEP_UM = 10.0  # µm per bin of the transcript density drawn over the H&E
+_OFF = 1 << 24  # bin index offset (bins within ±16.7M steps: two non-negative 32-bit halves of one key)
+
+
+class DensityGrid:
+    """Transcript counts on a ``step`` µm grid, accumulated batch by batch (extent found on the way)."""
+
+    def __init__(self, step: float = DENSITY_STEP_UM) -> None:
+        self.step = float(step)
+        self._counts: dict[int, int] = {}
+        self.n = 0
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        ok = np.isfinite(x) & np.isfinite(y)
+        ix = np.floor(x[ok] / self.step).astype(np.int64)
+        iy = np.floor(y[ok] / self.step).astype(np.int64)
+        keys, cnt = np.unique((ix + _OFF) << 32 | (iy + _OFF), return_counts=True)
+        for k, c in zip(keys.tolist(), cnt.tolist(), strict=True):
+            self._counts[k] = self._counts.get(k, 0) + c
+        self.n += int(ok.sum())
+
+    def dense(self) -> tuple[np.ndarray, list[float]] | None:
+        """(counts (ny, nx), extent [x0, y0, x1, y1] µm), or None without transcripts."""
+        if not self._counts:
+            return None
+        keys = np.fromiter(self._counts.keys(), np.int64, len(self._counts))
+        vals = np.fromiter(self._counts.values(), np.int64, len(self._counts))
+        ix = (keys >> 32) - _OFF
+        iy = (keys & 0xFFFFFFFF) - _OFF
+        x0, y0 = int(ix.min()), int(iy.min())
+        grid = np.zeros((int(iy.max()) - y0 + 1, int(ix.max()) - x0 + 1), np.int64)
+        grid[iy - y0, ix - x0] = vals
+        s = self.step
+        return grid, [x0 * s, y0 * s, (ix.max() + 1) * s, (iy.max() + 1) * s]
+
+
+def write_density_qc_png(path: str | Path, reg: Registration, slide: SlideSource, density: DensityGrid,
+                         max_px: int = 1200) -> None:
+    """QC without a morphology image: the H&E resampled into the µm frame (every region through its own
+    affine) with the transcript density over it (magenta); transcripts off the tissue, or tissue
+    without transcripts, show a misalignment at a glance."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from morphomol.registration.warp import he_in_um
+
+    d = density.dense()
+    fig, ax = plt.subplots(figsize=(7.5, 7.5))
+    if d is None:
+        ax.text(0.5, 0.5, "no transcripts", transform=ax.transAxes, ha="center")
+    else:
+        grid, (x0, y0, x1, y1) = d
+        scalef = min(max_px / max(x1 - x0, y1 - y0), 1.0 / max(float(getattr(slide, "mpp", 1.0)), 1e-6))
+        rgb, _ = he_in_um(slide, reg, (x0, y0, x1, y1), scalef)
+        ax.imshow(rgb, extent=(x0, x1, y1, y0), interpolation="bilinear")
+        v = np.log1p(grid.astype(float))
+        rgba = np.zeros(grid.shape + (4,), np.float32)
+        rgba[..., 0] = 0.85
+        rgba[..., 2] = 0.85
+        rgba[..., 3] = 0.7 * v / max(float(v.max()), 1e-9)
+        ax.imshow(rgba, extent=(x0, x1, y1, y0), interpolation="nearest")
+        ax.set_xlim(x0, x1)
+        ax.set_ylim(y1, y0)
+    for r in reg.regions:
+        for ring in r.rings():
+            pr = np.vstack([ring, ring[:1]])
+            ax.plot(pr[:, 0], pr[:, 1], color="yellow", lw=1.0)
+    ax.set_aspect("equal")
+    ax.set_xlabel("x (µm)")
+    ax.set_ylabel("y (µm)")
+    ax.set_title(f"{reg.sample}: {reg.method} — H&E in the µm frame, transcript density (magenta, "
+                 f"{density.step:g} µm bins, {density.n} transcripts)", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)

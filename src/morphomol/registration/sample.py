@@ -17,10 +17,11 @@ import numpy as np
 
 from morphomol.errors import InputError, MorphomolError
 from morphomol.geometry import apply_affine, apply_points, scale
-from morphomol.io.landmarks import Keypoints, RegionPolygon, read_alignment, read_regions_geojson
+from morphomol.io.landmarks import Keypoints, RegionPolygon, read_alignment
+from morphomol.io.regions import read_regions
 from morphomol.registration.fit import COLLINEAR_RATIO, ROBUST_METHODS, DegenerateFit, collinearity, robust_fit
 from morphomol.registration.images import Raster, he_bbox, load_dapi, load_he
-from morphomol.registration.qc import RegionQC, write_qc_png
+from morphomol.registration.qc import DENSITY_STEP_UM, DensityGrid, RegionQC, write_density_qc_png, write_qc_png
 from morphomol.registration.refine import coarse_init, refine_affine
 from morphomol.registration.transform import Registration, RegionTransform
 from morphomol.util.hashing import sha256_file
@@ -57,8 +58,8 @@ def _fmt_lm(kp: Keypoints | None, idx: np.ndarray, order: Sequence[int], values:
 
 
 def _region_groups(kp: Keypoints, fixed_um: np.ndarray, polygons: list[RegionPolygon] | None,
-                   assignment: str, sample: str) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
-    """(name, landmark indices, polygon) per region."""
+                   assignment: str, sample: str) -> list[tuple[str, np.ndarray, RegionPolygon | None]]:
+    """(name, landmark indices, region polygon) per region."""
     n = len(kp)
     if polygons:
         names = [p.name for p in polygons]
@@ -69,13 +70,14 @@ def _region_groups(kp: Keypoints, fixed_um: np.ndarray, polygons: list[RegionPol
                 log.warning("%s: keypoint region labels %s do not match the GeoJSON names %s; "
                             "assigning landmarks by polygon containment", sample, sorted(set(kp.regions)), names)
             tmp = Registration(regions=[RegionTransform(name=p.name, matrix=np.eye(3), inverse=np.eye(3),
-                                                        polygon_um=p.polygon_um) for p in polygons],
+                                                        polygon_um=p.polygon_um, geometry_um=p.geometry_mapping())
+                                        for p in polygons],
                                region_assignment=assignment)
             lab = tmp.assign_regions(fixed_um[:, 0], fixed_um[:, 1])
             if (lab < 0).any():
                 log.warning("%s: %d landmark(s) outside every region polygon dropped (region_assignment=drop)",
                             sample, int((lab < 0).sum()))
-        return [(p.name, np.flatnonzero(lab == i), p.polygon_um) for i, p in enumerate(polygons)]
+        return [(p.name, np.flatnonzero(lab == i), p) for i, p in enumerate(polygons)]
     if kp.regions is not None:
         names = list(dict.fromkeys(kp.regions))
         lab = np.array([names.index(r) for r in kp.regions])
@@ -108,7 +110,7 @@ def register_sample(*, xenium: Any, he: Any, out_json: str | Path, out_qc: str |
                     max_rms_um: float = 15.0, region_assignment: str = "nearest", refine: str = "auto",
                     refine_mpp: float = 4.0, seed: int = 0, batch_size: int = 2_000_000,
                     mpp_tolerance: float = 0.1, cfg: RegistrationConfig | None = None, io: IOConfig | None = None,
-                    **unknown: Any) -> Registration:
+                    prealigned: bool = False, **unknown: Any) -> Registration:
     """Register one sample and write ``registration.json`` + ``registration_qc.png``.
 
     ``xenium``: Xenium output dir (or a XeniumBundle); ``he``: H&E slide path (or a Slide);
@@ -119,6 +121,12 @@ def register_sample(*, xenium: Any, he: Any, out_json: str | Path, out_qc: str |
     ``mpp_tolerance`` (relative): a disagreement is an error naming all three values (a wrong he_mpp
     would silently give tiles of the wrong physical size). Raises :class:`InputError` (and writes
     nothing) on bad input.
+
+    ``prealigned``: the transcripts are already aligned with the H&E (SpatialData / HEST samples,
+    :mod:`morphomol.io.ingest`): ``alignment`` is the 3×3 matrix of that alignment, taken as it is
+    (method ``prealigned``, no refinement); the slide metadata's µm/px is only compared with a warning
+    (HEST's embedded pixel sizes are known to be unreliable). Without a morphology image the QC figure
+    shows the transcript density over the H&E in the µm frame.
     """
     from morphomol.io.he import open_slide
     from morphomol.io.xenium import XeniumBundle
@@ -143,6 +151,11 @@ def register_sample(*, xenium: Any, he: Any, out_json: str | Path, out_qc: str |
         raise InputError(f"refine_mpp is {refine_mpp!r}", field="registration.refine_mpp", expected="a positive number")
     refine_mpp = float(refine_mpp)
     alignment, regions, he_mpp = _opt(alignment), _opt(regions), _opt(he_mpp)
+    if prealigned:
+        if alignment is None:
+            raise InputError(f"sample {sample or xenium}: a pre-aligned sample needs its alignment matrix",
+                             field="alignment", expected="he_imagealignment.csv written by the ingest rule")
+        refine = "never"
     sample = sample or Path(str(xenium)).name
 
     bundle = xenium if hasattr(xenium, "pixel_size") else XeniumBundle(xenium)
@@ -158,7 +171,7 @@ def register_sample(*, xenium: Any, he: Any, out_json: str | Path, out_qc: str |
 
     inputs: dict[str, str] = {}
     try:
-        polygons = read_regions_geojson(regions) if regions is not None else None
+        polygons = read_regions(regions) if regions is not None else None
         parsed = read_alignment(alignment) if alignment is not None else None
     except InputError as exc:  # name the sample too
         raise InputError(f"sample {sample}: {exc.message}") from None
@@ -179,7 +192,8 @@ def register_sample(*, xenium: Any, he: Any, out_json: str | Path, out_qc: str |
         kp = parsed
         _check_bounds(kp, morph_wh, (he_w, he_h), sample)
         fixed_um = kp.fixed_px * ps
-        for name, idx, poly in _region_groups(kp, fixed_um, polygons, region_assignment, sample):
+        for name, idx, rp in _region_groups(kp, fixed_um, polygons, region_assignment, sample):
+            poly = None if rp is None else rp.polygon_um
             lines = ", ".join(str(int(kp.rows[i])) for i in idx[:10])
             if len(idx) < 3:
                 raise InputError(f"sample {sample} region {name}: {len(idx)} landmark(s) (lines {lines or 'none'})",
@@ -215,14 +229,18 @@ def register_sample(*, xenium: Any, he: Any, out_json: str | Path, out_qc: str |
             m = fit.matrix
             region_list.append(RegionTransform(name=name, matrix=m, inverse=np.linalg.inv(m), n_landmarks=len(idx),
                                                rms_um=fit.rms_um, max_um=fit.max_um, outliers=outl, polygon_um=poly,
-                                               landmarks_um=dst))
+                                               landmarks_um=dst,
+                                               geometry_um=None if rp is None else rp.geometry_mapping()))
             bbox = _region_bbox(poly, dst, full_um)
             qc.append(RegionQC(fixed_um=dst, residual_um=fit.residuals, outliers=outl, bbox_um=bbox, moving_px=src))
             log.info("%s region %s: %d landmarks, LOO RMS %s µm, max %s µm, %d outlier(s)", sample, name, len(idx),
                      _f(fit.rms_um), _f(fit.max_um), len(outl))
     else:
+        if prealigned and not isinstance(parsed, np.ndarray):
+            raise InputError(f"sample {sample}: the pre-alignment is not a 3x3 matrix", file=alignment, field="alignment",
+                             expected="a headerless 3x3 H&E px -> morphology px matrix")
         if isinstance(parsed, np.ndarray):
-            method = "matrix"
+            method = "prealigned" if prealigned else "matrix"
             m_all = scale(ps) @ parsed
             log.info("%s: alignment matrix %s (H&E px -> morphology px) scaled by pixel size %.4f", sample,
                      Path(alignment).name, ps)
@@ -238,16 +256,20 @@ def register_sample(*, xenium: Any, he: Any, out_json: str | Path, out_qc: str |
         if not np.all(np.isfinite(m_all)) or abs(np.linalg.det(m_all[:2, :2])) < 1e-12:
             raise InputError(f"sample {sample}: alignment matrix is singular", file=alignment, field="matrix",
                              expected="an invertible affine")
-        groups = [(p.name, p.polygon_um) for p in polygons] if polygons else [("r0", None)]
-        for name, poly in groups:
+        groups = [(p.name, p.polygon_um, p.geometry_mapping()) for p in polygons] if polygons else [("r0", None, None)]
+        for name, poly, geom in groups:
             region_list.append(RegionTransform(name=name, matrix=m_all.copy(), inverse=np.linalg.inv(m_all),
-                                               polygon_um=poly))
+                                               polygon_um=poly, geometry_um=geom))
             qc.append(RegionQC(fixed_um=np.zeros((0, 2)), residual_um=np.zeros((0, 2)), outliers=[],
                                 bbox_um=_region_bbox(poly, None, full_um or _um_extent(m_all, he_w, he_h))))
 
-    check_mpp_agreement(sample, sheet=he_mpp, slide=slide,
+    check_mpp_agreement(sample, sheet=he_mpp, slide=None if prealigned else slide,
                         affine=[affine_scale(r.matrix) for r in region_list] if method != "image" else [],
                         tolerance=float(mpp_tolerance), file=alignment if alignment is not None else he)
+    meta = getattr(slide, "meta_mpp", None)
+    if prealigned and meta is not None and abs(meta / affine_scale(region_list[0].matrix) - 1) > float(mpp_tolerance):
+        log.warning("%s: the slide metadata says %.4g µm/px, the pre-alignment %.4g µm/px: the pre-alignment is used",
+                    sample, meta, affine_scale(region_list[0].matrix))
 
     # image refinement
     do_refine = dapi is not None and (refine != "never" or method == "image")
@@ -280,11 +302,15 @@ def register_sample(*, xenium: Any, he: Any, out_json: str | Path, out_qc: str |
 
     reg = Registration(regions=region_list, sample=sample, method=method, he_mpp=float(slide.mpp),
                        xenium_pixel_size=ps, inputs=inputs, region_assignment=region_assignment)
+    density = DensityGrid(DENSITY_STEP_UM) if dapi is None else None
     reg.transcript_bbox_he = transcript_bbox(reg, bundle, qv_min=_opt(qv_min), batch_size=int(batch_size),
-                                             he_wh=(he_w, he_h))
+                                             he_wh=(he_w, he_h), density=density)
     if reg.transcript_bbox_he is None:
         log.warning("%s: no transcripts mapped into the H&E; transcript_bbox_he is null", sample)
-    write_qc_png(out_qc, reg, qc, dapi, slide, refine_mpp)
+    if density is not None:  # no DAPI to compare with: transcripts over the H&E
+        write_density_qc_png(out_qc, reg, slide, density)
+    else:
+        write_qc_png(out_qc, reg, qc, dapi, slide, refine_mpp)
     reg.save(out_json)
     log.info("%s: registration (%s, %d region(s)) written in %.1f s", sample, method, len(region_list),
              time.perf_counter() - t0)
@@ -359,8 +385,9 @@ def _region_bbox(poly: np.ndarray | None, lm: np.ndarray | None, full: list[floa
 
 
 def transcript_bbox(reg: Registration, bundle: Any, *, qv_min: Any = 20.0, batch_size: int = 2_000_000,
-                    he_wh: tuple[int, int] | None = None) -> list[float] | None:
-    """Bounding box [x0, y0, x1, y1] (H&E level-0 px) of all transcripts mapped with their region's affine."""
+                    he_wh: tuple[int, int] | None = None, density: DensityGrid | None = None) -> list[float] | None:
+    """Bounding box [x0, y0, x1, y1] (H&E level-0 px) of all transcripts mapped with their region's affine;
+    ``density`` (optional) also counts them on a µm grid (the QC figure without a DAPI image)."""
     lo = np.array([np.inf, np.inf])
     hi = np.array([-np.inf, -np.inf])
     n = 0
@@ -369,6 +396,8 @@ def transcript_bbox(reg: Registration, bundle: Any, *, qv_min: Any = 20.0, batch
         y = np.asarray(batch.y, np.float64)
         if not len(x):
             continue
+        if density is not None:
+            density.add(x, y)
         ridx = reg.assign_regions(x, y)
         keep = ridx >= 0
         if not keep.any():

@@ -1,8 +1,9 @@
 """The registration result: per-region affines (:class:`Registration`, ``registration.json``).
 
 ``matrix`` maps H&E level-0 px → Xenium µm, ``inverse`` maps µm → H&E px (3×3, column vectors).
-Points are assigned to regions by polygon containment, else to the nearest region (its polygon
-boundary or its inlier landmarks); the contract of the JSON file is in docs/ARCHITECTURE.md.
+Points are assigned to regions by containment in the region's geometry (``geometry_um``: a GeoJSON
+Polygon / MultiPolygon with holes; older files: the ring ``polygon_um``), else to the nearest region
+(its boundary or its inlier landmarks); the contract of the JSON file is in docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class RegionTransform:
     refined: bool = False
     polygon_um: np.ndarray | None = None
     landmarks_um: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
+    geometry_um: dict[str, Any] | None = None  # GeoJSON Polygon / MultiPolygon (holes, every part), µm
 
     def to_dict(self) -> dict[str, Any]:
         def f(v: float | None) -> float | None:
@@ -55,6 +57,7 @@ class RegionTransform:
             "refined": bool(self.refined),
             "polygon_um": None if self.polygon_um is None else np.asarray(self.polygon_um, float).tolist(),
             "landmarks_um": np.asarray(self.landmarks_um, float).reshape(-1, 2).tolist(),
+            "geometry_um": self.geometry_um,
         }
 
     @classmethod
@@ -67,7 +70,17 @@ class RegionTransform:
                    refine_score_before=d.get("refine_score_before"),
                    refine_score_after=d.get("refine_score_after"), refined=bool(d.get("refined", False)),
                    polygon_um=None if poly is None else np.asarray(poly, float),
-                   landmarks_um=np.asarray(d.get("landmarks_um") or np.zeros((0, 2)), float).reshape(-1, 2))
+                   landmarks_um=np.asarray(d.get("landmarks_um") or np.zeros((0, 2)), float).reshape(-1, 2),
+                   geometry_um=d.get("geometry_um"))
+
+    def rings(self) -> list[np.ndarray]:
+        """Every boundary ring (exteriors and holes of every part; else ``polygon_um``), (k, 2) µm."""
+        g = self.geometry_um
+        if g is not None and not (g["type"] == "Polygon" and len(g["coordinates"]) == 1 and self.polygon_um is not None):
+            coords = g["coordinates"]
+            polys = coords if g["type"] == "MultiPolygon" else [coords]
+            return [np.asarray(r, float)[:-1, :2] for p in polys for r in p]
+        return [] if self.polygon_um is None else [np.asarray(self.polygon_um, float)]
 
 
 def _densify(ring: np.ndarray, step: float) -> np.ndarray:
@@ -79,6 +92,34 @@ def _densify(ring: np.ndarray, step: float) -> np.ndarray:
         t = np.arange(k)[:, None] / k
         pts.append(a + t * (b - a))
     return np.vstack(pts)
+
+
+class _Containment:
+    """Point-in-region test of one region: shapely (holes, every part) or the single ring."""
+
+    def __init__(self, r: RegionTransform) -> None:
+        g = r.geometry_um
+        simple = g is None or (g["type"] == "Polygon" and len(g["coordinates"]) == 1 and r.polygon_um is not None)
+        if not simple:  # holes or several parts (a simple ring keeps the matplotlib test of older files)
+            import shapely
+            from shapely.geometry import shape
+
+            self._geom = shape(r.geometry_um)
+            shapely.prepare(self._geom)
+            self._path = None
+        else:
+            from matplotlib.path import Path as MplPath
+
+            ring = np.asarray(r.polygon_um, float)
+            self._geom = None
+            self._path = MplPath(np.vstack([ring, ring[:1]]), closed=True)
+
+    def contains_points(self, pts: np.ndarray) -> np.ndarray:
+        if self._geom is not None:
+            import shapely
+
+            return np.asarray(shapely.contains_xy(self._geom, pts[:, 0], pts[:, 1]), bool)
+        return self._path.contains_points(pts)
 
 
 @dataclass
@@ -139,18 +180,19 @@ class Registration:
         self._index: Any = None
 
     def _build_index(self) -> None:
-        has_poly = [r.polygon_um is not None for r in self.regions]
+        has_poly = [r.polygon_um is not None or r.geometry_um is not None for r in self.regions]
         paths: list[Any] = []
         pts, owner = [], []
         if any(has_poly):
-            from matplotlib.path import Path as MplPath
-
             for i, r in enumerate(self.regions):
-                if r.polygon_um is not None:
-                    ring = np.asarray(r.polygon_um, float)
-                    paths.append((i, MplPath(np.vstack([ring, ring[:1]]), closed=True)))
-                    per = float(np.sum(np.linalg.norm(np.diff(np.vstack([ring, ring[:1]]), axis=0), axis=1)))
-                    b = _densify(ring, max(per / 2000.0, 1e-6))
+                if has_poly[i]:
+                    paths.append((i, _Containment(r)))
+                    bs = []
+                    for ring in r.rings():
+                        closed = np.vstack([ring, ring[:1]])
+                        per = float(np.sum(np.linalg.norm(np.diff(closed, axis=0), axis=1)))
+                        bs.append(_densify(ring, max(per / 2000.0, 1e-6)))
+                    b = np.vstack(bs)
                 else:
                     b = self._region_points(r)
                 pts.append(b)
@@ -180,7 +222,7 @@ class Registration:
         x = np.asarray(x_um, dtype=np.float64).ravel()
         y = np.asarray(y_um, dtype=np.float64).ravel()
         n = len(x)
-        if len(self.regions) == 1 and self.regions[0].polygon_um is None:
+        if len(self.regions) == 1 and self.regions[0].polygon_um is None and self.regions[0].geometry_um is None:
             return np.zeros(n, dtype=np.int64)
         if self._index is None:
             self._build_index()

@@ -9,6 +9,11 @@
                       and on SIGTERM (-> exit 143).
 5. ``predict``        a whole source in its unshuffled order (results gathered on the device).
 
+Progress and history: the batches of an epoch go through :func:`morphomol.util.progress.progress` (a bar
+in a terminal, rate-limited log lines under SLURM); after every epoch ``work_dir/history.csv`` (one row
+per epoch: loss, validation score and extras, tiles/s, lr) is rewritten, and when the fit ends (or is
+preempted) ``work_dir/learning_curve.png`` is drawn from it (rank 0 only; neither changes a number).
+
 Input pipeline: the loop passes a source the optional ``epoch`` keywords it lists in
 ``epoch_options`` (:mod:`.sources`): ``device`` (batches arrive on the device), ``threads`` (the
 store feed, :func:`.runtime.loader_threads`), ``shard`` (data-parallel runs, :mod:`.ddp`).
@@ -52,6 +57,8 @@ from morphomol.train.resume import (
 from morphomol.train.runtime import Runtime, autocast, loader_threads, to_device
 from morphomol.train.sources import BatchSource, epoch_options
 from morphomol.util.logs import get_logger
+from morphomol.train.history import write_history
+from morphomol.util.progress import progress
 
 log = get_logger("train")
 
@@ -235,6 +242,9 @@ def fit(
                 stream = fit_ds.epoch(st.epoch, batch_size=bs, fields=batch_fields, seed=runtime.seed, shuffle=True,
                                       drop_last=drop_last, skip=st.batch, num_workers=runtime.workers(
                                           training.num_workers), pin_memory=device.type == "cuda", **kw)
+                if dist.is_main:
+                    stream = progress(stream, total=max(0, steps_per_epoch - st.batch), unit="batch", leave=False,
+                                      desc=f"epoch {st.epoch + 1}/{training.epochs}", logger=log)
                 for batch in stream:
                     for g in optimizer.param_groups:
                         g["lr"] = learning_rate(st.step, g["base_lr"], training.min_lr, warmup_steps, total_steps)
@@ -264,6 +274,7 @@ def fit(
                         st.train_seconds += time.perf_counter() - t0
                         if dist.is_main:
                             writer.save_now(payload())
+                            write_history(work_dir, st.history, curve=True)
                         if dist.active:
                             ddp.barrier()  # no rank exits (and gets its peers stopped) before the save
                         log.warning("signal %s: saved %s at epoch %d batch %d; exiting for a later resume",
@@ -301,6 +312,8 @@ def fit(
                 if st.compile_seconds and st.epoch_untimed_tiles:
                     rec["compile_seconds"] = st.compile_seconds
                 st.history.append(rec)
+                if dist.is_main:
+                    write_history(work_dir, st.history)
                 log.info("epoch %d/%d loss %.4f %s | %.1f tiles/s | lr %s%s", st.epoch + 1, training.epochs,
                          rec["loss"], val_txt, rec["tiles_per_second"],
                          "/".join(f"{g['lr']:.2e}" for g in optimizer.param_groups), " *" if improved else "")
@@ -315,6 +328,8 @@ def fit(
                     else:
                         writer.submit(payload())
                 if stop_now:
+                    if dist.is_main:
+                        write_history(work_dir, st.history, curve=True)
                     if dist.active:
                         ddp.barrier()
                     log.warning("signal %s: saved %s after epoch %d; exiting for a later resume", stop.signum,
@@ -325,6 +340,8 @@ def fit(
     finally:
         writer.close()
 
+    if dist.is_main:
+        write_history(work_dir, st.history, curve=True, best_epoch=st.best_epoch)
     if best_state is not None:
         raw.load_state_dict(best_state)
     if st.compile_seconds:

@@ -174,6 +174,9 @@ def read_xenium_cells(xenium_dir: str | Path, labels_csv: str | Path, cfg: Cells
                      np.full(len(rows), str(patient), dtype=object), xy, "xenium")
 
 
+CELL_DIAMETER_UM = 10.0  # drawn cell size of uns['spatial'] (a typical nucleus-centred cell)
+
+
 def build_units(*, sample: str, patient: str, out_units: str | Path, cfg: CellsConfig, label_map: str | Path,
                 h5ad: str | Path | None = None, xenium_dir: str | Path | None = None,
                 labels: str | Path | None = None, image_store: str | Path | None = None,
@@ -232,7 +235,14 @@ def build_units(*, sample: str, patient: str, out_units: str | Path, cfg: CellsC
         "obsm['spatial'] of the input, as given" if table.xy_um is not None else "none (zeros)")
     uns = {"values": values, "spatial": spatial, "source": table.source, "label_map": str(label_map),
            "image_store": str(image_store) if image_store is not None else ("images.zarr" if he_path else "none")}
-    write_units(out_units, obs, X, table.genes, spatial_um=xy, unit="cell", sample=sample, uns=uns)
+    image = None
+    if he_path is not None:  # uns['spatial']: the H&E in the cells' µm frame (fusion registration)
+        from morphomol.registration.warp import spatial_image
+
+        image = spatial_image(he_path, spatial_um=xy, registration=registration, he_mpp=he_mpp, library_id=sample,
+                              spot_diameter_um=CELL_DIAMETER_UM)
+    write_units(out_units, obs, X, table.genes, spatial_um=xy, unit="cell", sample=sample, uns=uns,
+                spatial_image=image)
     summary.update(cells=int(len(idx)), labels=obs["label"].value_counts().to_dict(),
                    donors=sorted(set(obs["patient_id"])), seconds=round(time.perf_counter() - t0, 2))
     log.info("%s: %d cells (%s), %d donor(s), %d labels; %s", sample, len(idx), table.source,

@@ -3,11 +3,13 @@
 Each sample is test in exactly one fold; its outputs use that fold's targets and the test predictions
 of that fold (reference setting: first seed; baselines: deterministic):
 
-* ``spots/samples/{sample}.h5ad``: AnnData of the sample's spots x the fold's target genes; ``X`` and
-  layer ``measured`` = transformed targets, layer ``predicted`` = the reference setting, layers
-  ``predicted_{baseline}``; obs = the unit table's obs + ``fold`` (where it is test) and
-  ``partition_fold{k}`` for every fold; ``obsm['spatial']`` in µm; ``var`` has the per-gene Pearson of
-  this sample and ``eval_gene`` (HEST eval genes); ``uns['spots']`` the setting, seed, transform.
+* ``spots/samples/{sample}.h5ad``: AnnData of the sample's spots x the fold's target genes, in the
+  per-sample predictions convention shared with the fusion study (:mod:`morphomol.export.predictions`):
+  ``X`` and layer ``measured`` = transformed targets, layers ``pred_{setting}`` (the reference setting)
+  and ``pred_{baseline}``; obs = the unit table's obs + ``fold`` (where it is test), ``partition`` (its
+  partition there: ``test``) and ``partition_fold{k}`` for every fold; ``obsm['spatial']`` in µm and the
+  unit table's ``uns['spatial']``; ``var`` has the per-gene Pearson of this sample and ``eval_gene`` (HEST
+  eval genes); ``uns['spots']`` the reference setting, seed, transform, layers.
 * ``spots/maps/{sample}.png``: measured vs predicted maps of the sample's best, median and worst gene
   (per-gene Pearson within the sample) for the first ``spots.maps.samples`` samples;
   ``spots/maps/pred_vs_measured.png``: predicted vs measured of the cohort's best / median / worst gene.
@@ -80,14 +82,16 @@ def write_spot_outputs(*, units: Mapping[str, str | Path], splits: Sequence[str 
             y = _wide(preds[reference], ids, genes, "y")
             out = ad.AnnData(X=y.copy(), obs=a.obs.copy(), var=pd.DataFrame(index=pd.Index(genes)))
             out.obsm["spatial"] = np.asarray(a.obsm["spatial"])
+            if "spatial" in a.uns:
+                out.uns["spatial"] = a.uns["spatial"]
             out.layers["measured"] = y
             for name, df in preds.items():
-                layer = "predicted" if name == reference else f"predicted_{name}"
-                out.layers[layer] = _wide(df, ids, genes, "y_hat")
+                out.layers[f"pred_{name}"] = _wide(df, ids, genes, "y_hat")
             out.obs["fold"] = k
+            out.obs["partition"] = partitions[sample][k].reindex(ids).astype(str).to_numpy()
             for kk, part in sorted(partitions[sample].items()):
                 out.obs[f"partition_fold{kk}"] = part.reindex(ids).astype(str).to_numpy()
-            r = column_pearson(y.astype(np.float64), out.layers["predicted"].astype(np.float64))
+            r = column_pearson(y.astype(np.float64), out.layers[f"pred_{reference}"].astype(np.float64))
             out.var["pearson"] = r
             out.var["eval_gene"] = [g in set(doc.get("eval_genes") or []) for g in genes]
             out.uns["spots"] = {"reference": reference, "seed": "first seed of spots.seeds", "fold": k,
@@ -118,7 +122,7 @@ def plot_sample_maps(out: Path, a: Any, sample: str) -> Path:
     for row, (label, g) in enumerate(genes.items()):
         j = list(a.var_names).index(g)
         for col, (v, what) in enumerate(((a.layers["measured"][:, j], "measured"),
-                                         (a.layers["predicted"][:, j], "predicted"))):
+                                         (a.layers[f"pred_{a.uns['spots']['reference']}"][:, j], "predicted"))):
             ax = axes[row][col]
             # each panel on its own colour scale: predictions shrink towards the mean
             sc = ax.scatter(xy[:, 0], xy[:, 1], c=v, s=9, cmap="viridis", marker="h", linewidths=0)

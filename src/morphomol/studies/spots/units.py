@@ -155,8 +155,13 @@ def build_spot_units(*, sample: str, patient: str, fmt: str, files: dict[str, st
         }, index=[f"{sample}__{i:06d}" for i in range(n)])
         uns = {"format": fmt, "platform": data.platform, "mpp": mpp.mpp, "mpp_source": mpp.source,
                "image_scale": scale, "patch_um": cfg.patches.size_um, "he_path": str(he)}
-        write_units(out_units, obs, X, data.genes, spatial_um=np.c_[x[kept], y[kept]] * mpp.mpp, unit="spot",
-                    sample=sample, patient=patient, uns=uns)
+        from morphomol.registration.warp import spatial_image
+
+        spatial = np.c_[x[kept], y[kept]] * mpp.mpp
+        image = spatial_image(slide, spatial_um=spatial, library_id=sample,  # uns['spatial']: the H&E in µm
+                              spot_diameter_um=cfg.geometry.fullres_spot_um)
+        write_units(out_units, obs, X, data.genes, spatial_um=spatial, unit="spot",
+                    sample=sample, patient=patient, uns=uns, spatial_image=image)
         qc = _qc(sample, fmt, data, plan, mpp, slide, scale, pitch, n_pairs, how, seconds, time.perf_counter() - t0)
         write_json(out_qc, qc)
         if out_qc_png is not None:
