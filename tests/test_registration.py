@@ -356,7 +356,7 @@ def test_landmarks_two_regions_within_noise_bound(scene, tmp_path):
     assert doc["he_mpp"] == pytest.approx(HE_MPP)
     assert set(doc["inputs"]) == {"keypoints.csv"} and len(doc["inputs"]["keypoints.csv"]) == 64
     keys = {"name", "matrix", "inverse", "n_landmarks", "rms_um", "max_um", "outliers", "refine_score_before",
-            "refine_score_after", "refined", "polygon_um", "landmarks_um"}
+            "refine_score_after", "refined", "polygon_um", "geometry_um", "landmarks_um"}
     bound = 4 * SIGMA * math.sqrt(3 / N_LM) + 0.2
     for r in doc["regions"]:
         assert set(r) == keys and r["n_landmarks"] == N_LM and r["outliers"] == [] and r["refined"] is False

@@ -424,7 +424,8 @@ def _compare_results(local: Path, slurm: Path) -> list[str]:
 
     def files(root: Path) -> set[str]:
         return {str(p.relative_to(root)) for p in root.rglob("*")
-                if p.is_file() and "/logs/" not in f"/{p.relative_to(root)}" and p.suffix != ".log"}
+                if p.is_file() and p.suffix != ".log"
+                and not {"logs", "benchmarks"} & set(p.relative_to(root).parts)}  # run records: times, RSS
 
     fl, fs = files(local), files(slurm)
     problems = [f"only in local run: {sorted(fl - fs)[:20]}"] if fl - fs else []

@@ -121,7 +121,7 @@ def sources(w):
 
 
 def xenium_dir(w):
-    """The Xenium bundle a rule reads: the sheet's, or the converted bundle of a SpatialData / HEST sample."""
+    """The Xenium bundle to read: the sheet's, or the converted bundle of a SpatialData / HEST sample."""
     return sources(w).xenium_dir
 
 

@@ -111,8 +111,10 @@ def _transcripts(xenium_dir: Path) -> Any:
     else:
         ddf = dd.read_csv(str(f), blocksize=None)
         ddf = ddf[[c for c in ("feature_name", "x_location", "y_location", "z_location", "qv") if c in ddf.columns]]
-    ddf = ddf.rename(columns={"x_location": "x", "y_location": "y", "z_location": "z"})
-    ddf["feature_name"] = ddf["feature_name"].astype(str)
+    ddf = ddf.rename(columns={"x_location": "x", "y_location": "y"})
+    ddf = ddf[[c for c in ddf.columns if c != "z_location"]]
+    # known categories (one pass over the names): spatialdata needs them for the feature key
+    ddf["feature_name"] = ddf["feature_name"].astype(str).astype("category").cat.as_known()
     return ddf
 
 
@@ -181,9 +183,12 @@ def build_sdata(fs: FinishedSample, *, he_level: int = 0, transcripts: bool = Tr
 
 def export_spatialdata(fs: FinishedSample, out: str | Path, *, he_level: int = 0, transcripts: bool = True) -> Path:
     """Write the sample's SpatialData zarr to ``out`` (atomically); returns ``out``."""
+    import warnings
+
     sdata = build_sdata(fs, he_level=he_level, transcripts=transcripts)
     out = Path(out)
-    with atomic_path(out) as tmp:
+    with atomic_path(out) as tmp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*autosharding.*")
         sdata.write(str(tmp))
     log.info("%s: SpatialData %s (%s)", fs.sample, out, ", ".join(f"{k}: {', '.join(v)}" for k, v in
                                                                (("images", sdata.images), ("shapes", sdata.shapes),

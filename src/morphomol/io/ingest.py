@@ -125,7 +125,7 @@ def write_ome_tiff(path: str | Path, levels: list[Any], mpp: float, *, tile: int
                 desc = ('<?xml version="1.0" encoding="UTF-8"?><OME xmlns="http://www.openmicroscopy.org/Schemas/OME/'
                         '2016-06"><Image ID="Image:0"><Pixels DimensionOrder="XYCZT" ID="Pixels:0" SizeC="3" '
                         f'SizeT="1" SizeZ="1" SizeX="{shape[1]}" SizeY="{shape[0]}" Type="uint8" '
-                        f'PhysicalSizeX="{mpp}" PhysicalSizeXUnit="µm" PhysicalSizeY="{mpp}" PhysicalSizeYUnit="µm">'
+                        f'PhysicalSizeX="{mpp}" PhysicalSizeXUnit="&#181;m" PhysicalSizeY="{mpp}" PhysicalSizeYUnit="&#181;m">'
                         '</Pixels></Image></OME>')
             tw.write(tiles(arr), shape=shape, dtype=np.uint8, tile=(tile, tile), compression="zlib",
                      photometric="rgb", subfiletype=0 if lvl == 0 else 1, resolution=(res, res),

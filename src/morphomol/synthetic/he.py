@@ -18,13 +18,9 @@ from scipy import ndimage
 from morphomol.geometry import apply_affine
 from morphomol.synthetic.fields import Cells, Fields, Regions, lookup
 from morphomol.synthetic.params import TYPES, Patient, SampleSpec
-from morphomol.synthetic.render import downsample2, ellipse_quad, quad_half, splat, transform_quad
+from morphomol.synthetic.render import E_OD, H_OD, downsample2, ellipse_quad, quad_half, splat, transform_quad
 
 # stain optical-density directions (normalised), white glass
-_H_OD = np.array([0.650, 0.704, 0.286])
-_E_OD = np.array([0.216, 0.801, 0.558])
-_H_OD = _H_OD / np.linalg.norm(_H_OD)
-_E_OD = _E_OD / np.linalg.norm(_E_OD)
 _GLASS_OD = 0.018
 _LN10 = math.log(10.0)
 _H_MAX = 1.6  # hematoxylin / eosin optical densities are clipped here
@@ -46,8 +42,8 @@ def write_he(path: Path, spec: SampleSpec, patient: Patient, fields: Fields, reg
     # stain colours of this sample: patient stain strength + small sample jitter
     stain_h = pat.stain_h * float(np.exp(r.normal(0, 0.04)))
     stain_e = pat.stain_e * float(np.exp(r.normal(0, 0.04)))
-    h_vec = (_H_OD + r.normal(0, 0.02, 3)).astype(np.float32)
-    e_vec = (_E_OD + r.normal(0, 0.02, 3)).astype(np.float32)
+    h_vec = (H_OD + r.normal(0, 0.02, 3)).astype(np.float32)
+    e_vec = (E_OD + r.normal(0, 0.02, 3)).astype(np.float32)
     # background eosin in the µm frame (stroma denser, tumour nests slightly pinker)
     tp = fields.type_prob
     e_grid = (0.16 + 0.22 * tp[2] + 0.05 * tp[0] - 0.04 * tp[1] + 0.03 * np.clip(fields.z_field, -2, 2)).astype(np.float32)

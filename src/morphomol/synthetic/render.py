@@ -13,6 +13,10 @@ import numpy as np
 
 from morphomol.util.numba import njit_kernels, numba_module
 
+#: stain optical-density directions (normalised) of hematoxylin and eosin, shared by every simulated H&E
+H_OD = np.array([0.650, 0.704, 0.286]) / np.linalg.norm(np.array([0.650, 0.704, 0.286]))
+E_OD = np.array([0.216, 0.801, 0.558]) / np.linalg.norm(np.array([0.216, 0.801, 0.558]))
+
 
 def ellipse_quad(a: np.ndarray, b: np.ndarray, phi: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Quadratic form (qa, qb, qc) of ellipses with semi-axes a, b, angle phi: q = 1 on the rim."""

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from morphomol.synthetic.render import E_OD, H_OD
 from scipy import ndimage
 
 #: stain optical-density directions (Ruifrok & Johnston), normalised
-H_OD = np.array([0.650, 0.704, 0.286]) / np.linalg.norm([0.650, 0.704, 0.286])
-E_OD = np.array([0.216, 0.801, 0.558]) / np.linalg.norm([0.216, 0.801, 0.558])
 GLASS_OD = 0.02
 
 

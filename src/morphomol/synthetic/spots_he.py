@@ -18,12 +18,8 @@ import numpy as np
 import tifffile
 from scipy import ndimage
 
-from morphomol.synthetic.render import downsample2, ellipse_quad, splat
+from morphomol.synthetic.render import E_OD, H_OD, downsample2, ellipse_quad, splat
 
-_H_OD = np.array([0.650, 0.704, 0.286])
-_E_OD = np.array([0.216, 0.801, 0.558])
-_H_OD = _H_OD / np.linalg.norm(_H_OD)
-_E_OD = _E_OD / np.linalg.norm(_E_OD)
 _GLASS_OD = 0.02
 _LN10 = math.log(10.0)
 _H_MAX, _E_MAX = 1.8, 1.2
@@ -58,8 +54,8 @@ def render_he(path: Path, cells: CellLayer, eosin_um: np.ndarray, tissue_um: np.
     """
     W, H = size_px
     stain_h, stain_e = stain
-    h_vec = (_H_OD + rng.normal(0, 0.015, 3)).astype(np.float32)
-    e_vec = (_E_OD + rng.normal(0, 0.015, 3)).astype(np.float32)
+    h_vec = (H_OD + rng.normal(0, 0.015, 3)).astype(np.float32)
+    e_vec = (E_OD + rng.normal(0, 0.015, 3)).astype(np.float32)
     hq = np.linspace(0.0, _H_MAX, 256, dtype=np.float32)[:, None, None]
     eq = np.linspace(0.0, _E_MAX, 256, dtype=np.float32)[None, :, None]
     lut = np.clip(255.0 * np.exp(-_LN10 * (_GLASS_OD + hq * h_vec + eq * e_vec)) + 0.5, 0, 255).astype(np.uint8)
