@@ -354,3 +354,46 @@ def test_dag_of_a_cohort_mixing_xenium_spatialdata_and_hest(tmp_path):
                 and len(line.split()) == 2)
     assert jobs.get("xenium_ingest_spatialdata") == "1" and jobs.get("xenium_ingest_hest") == "1"
     assert jobs.get("register") == "3" and jobs.get("tokens") == "3"
+
+
+def test_changed_file_inside_a_bundle_reruns_its_dependants(tmp_path):
+    """The bundle's files are the rules' inputs (not the directory): a rewritten transcripts.parquet
+    makes `snakemake -n` plan register again (issue 14, item 3)."""
+    import os
+
+    simulate(tmp_path / "sim", (("S01", "P1"), ("S02", "P2")), n_regions=1)
+    shutil.copytree(REPO / "config" / "experiments", tmp_path / "config" / "experiments")
+    (tmp_path / "config" / "cohorts").mkdir(parents=True)
+    (tmp_path / "config" / "cohorts" / "b.tsv").write_text(
+        "sample_id\tpatient_id\txenium_dir\the_path\talignment\n"
+        "X1\tP1\tsim/S01/xenium\tsim/S01/he.tif\tsim/S01/keypoints.csv\n"
+        "X2\tP2\tsim/S02/xenium\tsim/S02/he.tif\tsim/S02/keypoints.csv\n")
+    (tmp_path / "config" / "cohorts" / "panel.yaml").write_text(yaml.safe_dump({"core": CORE, "addon": ADDON}))
+    (tmp_path / "config" / "cohorts" / "b.yaml").write_text(yaml.safe_dump(
+        {"samples": "config/cohorts/b.tsv", "panel": "config/cohorts/panel.yaml", "splits": {"n_folds": 2},
+         "registration": {"refine": "never"}}))
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["cohorts"] = {"b": "config/cohorts/b.yaml"}
+    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+    target = "results/b/samples/X1/registration.json"
+
+    def smk(*args):
+        r = subprocess.run([sys.executable, "-m", "snakemake", target, *args, "-s", str(REPO / "Snakefile"),
+                            "--directory", str(tmp_path), "--configfile", str(tmp_path / "config" / "config.yaml")],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        return r.stdout + r.stderr
+
+    dry = smk("-n", "--forceall")
+    block = dry.split("rule register:", 1)[1].split("\n\n", 1)[0].split("output:", 1)[0]
+    for name in ("sim/S01/xenium/transcripts.parquet", "sim/S01/xenium/experiment.xenium", "sim/S01/xenium/morphology",
+                 "sim/S01/he.tif", "sim/S01/keypoints.csv"):
+        assert name in block, (name, block)
+    smk("--cores", "1")
+    assert "Nothing to be done" in smk("-n")
+    tx = tmp_path / "sim" / "S01" / "xenium" / "transcripts.parquet"
+    pd.read_parquet(tx).to_parquet(tx)  # rewritten in place, same directory
+    later = (tmp_path / target).stat().st_mtime + 5
+    os.utime(tx, (later, later))
+    again = smk("-n")
+    assert "register" in again and "Nothing to be done" not in again, again[-2000:]

@@ -1,6 +1,6 @@
-"""Per-sample tile image stores (``tiles.zarr``) and token stores (``tokens.zarr``): readers.
+"""Per-sample image stores (``images.zarr``) and token stores (``tokens.zarr``): readers.
 
-``tiles.zarr``: array ``images`` (N, 224, 224, 3) uint8, chunks of ``chunk_tiles`` tiles.
+``images.zarr``: array ``images`` (N, 224, 224, 3) uint8, chunks of ``chunk_tiles`` tiles.
 ``tokens.zarr``: sparse CSR over tiles — ``indptr`` (N+1,), ``token`` (nnz,) uint8 in [0, 196),
 ``gene`` (nnz,) uint16, ``count`` (nnz,); ``tile_counts`` (N, G) uint32 dense; attrs ``genes``.
 Row ``i`` of both is row ``i`` of the sample's ``tiles.parquet`` and unit table.
@@ -64,7 +64,7 @@ class SampleStore:
             p = self.paths.tiles
             if p is None:
                 raise InputError("no tile image store given for this sample", field="tiles",
-                                 expected="the tiles.zarr of the sample")
+                                 expected="the images.zarr of the sample")
             if not p.exists():
                 raise InputError("tile store missing", file=p, expected="output of the tile rule")
             self._img = zarr.open_group(str(p), mode="r")["images"]

@@ -110,7 +110,7 @@ def register_sample(*, xenium: Any, he: Any, out_json: str | Path, out_qc: str |
                     max_rms_um: float = 15.0, region_assignment: str = "nearest", refine: str = "auto",
                     refine_mpp: float = 4.0, seed: int = 0, batch_size: int = 2_000_000,
                     mpp_tolerance: float = 0.1, cfg: RegistrationConfig | None = None, io: IOConfig | None = None,
-                    prealigned: bool = False, **unknown: Any) -> Registration:
+                    prealigned: bool = False) -> Registration:
     """Register one sample and write ``registration.json`` + ``registration_qc.png``.
 
     ``xenium``: Xenium output dir (or a XeniumBundle); ``he``: H&E slide path (or a Slide);
@@ -138,8 +138,6 @@ def register_sample(*, xenium: Any, he: Any, out_json: str | Path, out_qc: str |
         mpp_tolerance = cfg.mpp_tolerance
     if io is not None:
         qv_min, batch_size = io.qv_min, io.batch_size
-    for k in unknown:
-        log.warning("ignoring unknown registration setting %r", k)
     if robust not in ROBUST_METHODS:
         raise InputError(f"unknown value {robust!r}", field="registration.robust", expected=" | ".join(ROBUST_METHODS))
     if refine not in REFINE_MODES:
