@@ -223,6 +223,11 @@ def test_pre_flight_checks_of_the_fusion_study(tmp_path):
     with pytest.raises(InputError) as exc:
         _load(config, tmp_path)
     assert exc.value.field == "tables.baseline"
+    # a ViT geometry timm cannot build (heads not dividing the width), named as the config key
+    config = _write_cohort(tmp_path, GOOD, cohort_extra={"model": {"vit": {"embed_dim": 65, "depth": 2, "num_heads": 2}}})
+    with pytest.raises(InputError) as exc:
+        _load(config, tmp_path)
+    assert exc.value.field == "model.vit.embed_dim" and "num_heads 2" in exc.value.message
 
 
 def test_panel_errors(tmp_path):

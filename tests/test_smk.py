@@ -36,6 +36,7 @@ def fake_smk(log: Path, attempt: int = 1, out: Path | None = None) -> SimpleName
 def test_log_is_appended_per_attempt(tmp_path):
     log = tmp_path / "logs" / "tile" / "s.log"
     run(lambda smk: None, fake_smk(log, attempt=1))
+    log.unlink()  # Snakemake deletes a job's declared log before every run
     with pytest.raises(SystemExit) as exc:
         run(lambda smk: (_ for _ in ()).throw(InputError("bad value", file="x.tsv", field="he_mpp")),
             fake_smk(log, attempt=2))
@@ -49,6 +50,7 @@ def test_log_is_appended_per_attempt(tmp_path):
 def test_failed_rerun_says_previous_outputs_were_removed(tmp_path):
     log = tmp_path / "s.log"
     run(lambda smk: None, fake_smk(log))  # finished once: outputs existed
+    log.unlink()
 
     def fail(smk):
         raise InputError("tiling.min_transcripts leaves zero tiles", field="tiling.min_transcripts")
@@ -99,3 +101,30 @@ def test_disk_full_wrapped_by_a_library_is_still_one_line(tmp_path):
 def test_bugs_keep_their_traceback(tmp_path):
     with pytest.raises(ZeroDivisionError):
         run(lambda smk: 1 / 0, fake_smk(tmp_path / "s.log"))
+
+
+def test_real_snakemake_rerun_keeps_earlier_attempts_and_says_outputs_were_removed(tmp_path):
+    """Through Snakemake itself (which deletes the declared log before each run): a job that finished,
+    rerun after a params change and failing (retried once), ends with a log holding the finished run,
+    both failed attempts and the 'previous outputs removed' message."""
+    import subprocess
+    import sys
+
+    (tmp_path / "Snakefile").write_text(
+        'rule a:\n    output: "out.txt"\n    log: "logs/a.log"\n    params: fail=config.get("fail", 0)\n'
+        '    script: "a.py"\n')
+    (tmp_path / "a.py").write_text(
+        "from morphomol.errors import InputError\nfrom morphomol.smk import run\n\n"
+        "def main(smk):\n    if smk.params.fail:\n        raise InputError('bad value', field='x')\n"
+        "    open(smk.output[0], 'w').write('ok')\n\nrun(main)\n")
+    smk = [str(Path(sys.executable).with_name("snakemake")), "--cores", "1", "-d", str(tmp_path), "-s",
+           str(tmp_path / "Snakefile")]
+    assert subprocess.run(smk, capture_output=True, text=True, timeout=300).returncode == 0
+    res = subprocess.run([*smk, "--config", "fail=1", "--retries", "1"], capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0
+    text = (tmp_path / "logs" / "a.log").read_text()
+    headers = [i for i, line in enumerate(text.splitlines()) if line.startswith("===== rule a, attempt")]
+    assert len(headers) == 3, text  # the finished run, the failed rerun and its retry
+    assert text.index("rule a done in") < text.index("bad value") and text.count("bad value") == 2
+    assert text.strip().splitlines()[-1].endswith("see README 'Keeping results')") and "bad value" in text
+    assert not (tmp_path / "out.txt").exists()

@@ -27,17 +27,19 @@ from pathlib import Path
 from typing import Any
 
 from morphomol.errors import MorphomolError
-from morphomol.util.logs import ATTEMPT_HEADER, get_logger, setup_logging
+from morphomol.util.logs import ATTEMPT_HEADER, get_logger, history_path, setup_logging
 
 #: what a finished job writes last in its log; a later attempt seeing it knows outputs existed
 DONE_MARK = "done in"
 
 
 def _previous_success(log_path: str | None) -> bool:
-    if not log_path or not Path(log_path).exists():
+    """Whether an earlier run of this job finished (its lines survive in the log's history: Snakemake
+    deletes the declared log itself before each run)."""
+    if not log_path:
         return False
     try:
-        text = Path(log_path).read_text(errors="replace")
+        text = history_path(log_path).read_text(errors="replace")
     except OSError:
         return False
     return f"{DONE_MARK} " in text

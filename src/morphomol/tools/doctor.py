@@ -85,8 +85,8 @@ def check_torch() -> list[Check]:
         out.append(Check("cuda", "ok", f"CUDA {torch.version.cuda}, {len(names)} GPU(s): {', '.join(names)}"))
     else:
         why = "torch built without CUDA" if torch.version.cuda is None else f"CUDA {torch.version.cuda} build, no GPU visible"
-        out.append(Check("cuda", "warn", why, "GPU rules (features, fusion_train, fusion_clip) run on the CPU here; "
-                         "on a GPU node check `nvidia-smi` and CUDA_VISIBLE_DEVICES"))
+        out.append(Check("cuda", "warn", why, "GPU rules (features, fusion_train, fusion_clip, spots_captions, cells_train, "
+                         "cells_eval) run on the CPU here; on a GPU node check `nvidia-smi` and CUDA_VISIBLE_DEVICES"))
     return out
 
 

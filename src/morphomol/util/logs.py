@@ -1,8 +1,10 @@
 """Logging set-up shared by the library, the CLI and the Snakemake adapters.
 
-Rule logs are opened in append mode: a retried, resumed or rerun job adds its lines under an
-attempt header instead of overwriting what the earlier attempt wrote (the preempted attempt's log
-is often the one that explains a failure).
+Rule logs keep every attempt: a retried, resumed or rerun job adds its lines under an attempt
+header instead of losing what the earlier attempt wrote (the preempted attempt's log is often the
+one that explains a failure). Snakemake deletes a job's declared log before each run, so the lines
+are also appended to a hidden sibling ``.NAME.history`` that Snakemake does not manage; a new attempt
+starts its log with that history (capped to the last :data:`HISTORY_BYTES`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,32 @@ from pathlib import Path
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 ATTEMPT_HEADER = "===== {what} started {when} ====="
+#: how much of the earlier attempts' lines a rule log carries over
+HISTORY_BYTES = 1_000_000
+
+
+def history_path(log_path: str | Path) -> Path:
+    """The hidden sibling keeping the lines of every attempt of a rule log."""
+    p = Path(log_path)
+    return p.with_name(f".{p.name}.history")
+
+
+def _carry_over(path: Path, history: Path) -> None:
+    """Start ``path`` with the earlier attempts' lines (``history``, tail-capped) when Snakemake
+    removed it; the history itself is trimmed to the same cap."""
+    try:
+        with open(history, "rb") as fh:
+            fh.seek(0, 2)
+            size = fh.tell()
+            fh.seek(max(0, size - HISTORY_BYTES))
+            old = fh.read()
+    except OSError:
+        return
+    if size > HISTORY_BYTES:
+        old = old[old.find(b"\n") + 1:]
+        history.write_bytes(old)
+    if not path.exists() or path.stat().st_size == 0:
+        path.write_bytes(old)
 
 
 def get_logger(name: str) -> logging.Logger:
@@ -35,12 +63,16 @@ def setup_logging(log_path: str | Path | None = None, level: int = logging.INFO,
     if log_path is not None:
         path = Path(log_path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        if header:
-            with open(path, "a") as fh:
-                if fh.tell() > 0:
-                    fh.write("\n")
-                fh.write(ATTEMPT_HEADER.format(what=header, when=time.strftime("%Y-%m-%d %H:%M:%S")) + "\n")
-        handlers.append(logging.FileHandler(path, mode="a"))
+        files = [path]
+        if header:  # a rule log: keep every attempt (see the module docstring)
+            history = history_path(path)
+            _carry_over(path, history)
+            files.append(history)
+            line = ATTEMPT_HEADER.format(what=header, when=time.strftime("%Y-%m-%d %H:%M:%S"))
+            for f in files:
+                with open(f, "a") as fh:
+                    fh.write(("\n" if fh.tell() > 0 else "") + line + "\n")
+        handlers.extend(logging.FileHandler(f, mode="a") for f in files)
     for h in handlers:
         h.setFormatter(fmt)
         root.addHandler(h)

@@ -73,6 +73,11 @@ def check(cohort: Any, *, workdir: Path, config_file: Path) -> None:
                          field="tables.baseline", expected="best_morph_only or a setting of " + str(settings_file))
     check_tile_geometry(cfg.tiling.tile_px, cfg.tiling.stride_px, cfg.tokens.grid,
                         file=cohort.source_of("tiling") or config_file)
+    vit = cfg.model.vit
+    if vit.embed_dim % vit.num_heads:
+        raise InputError(f"model.vit.embed_dim {vit.embed_dim} is not a multiple of model.vit.num_heads {vit.num_heads}",
+                         file=cohort.source_of("model") or config_file, field="model.vit.embed_dim",
+                         expected="a multiple of model.vit.num_heads (each attention head gets embed_dim / num_heads)")
     n_pat = cohort.samples["patient_id"].nunique()
     if cfg.splits.n_folds > n_pat:
         raise InputError(f"splits.n_folds is {cfg.splits.n_folds} but cohort '{cohort.name}' has {n_pat} patient(s)",
