@@ -63,15 +63,16 @@ def setup_logging(log_path: str | Path | None = None, level: int = logging.INFO,
     if log_path is not None:
         path = Path(log_path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        files = [path]
+        files, history = [path], history_path(path)
         if header:  # a rule log: keep every attempt (see the module docstring)
-            history = history_path(path)
             _carry_over(path, history)
             files.append(history)
             line = ATTEMPT_HEADER.format(what=header, when=time.strftime("%Y-%m-%d %H:%M:%S"))
             for f in files:
                 with open(f, "a") as fh:
                     fh.write(("\n" if fh.tell() > 0 else "") + line + "\n")
+        elif history.exists():  # a process the rule started (e.g. a torchrun rank) writing to its log
+            files.append(history)
         handlers.extend(logging.FileHandler(f, mode="a") for f in files)
     for h in handlers:
         h.setFormatter(fmt)
