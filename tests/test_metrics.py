@@ -123,7 +123,7 @@ def test_metrics_json_roundtrip_and_checks(tmp_path):
     assert back["per_gene"]["A"]["mse"] == pytest.approx(0.01) and back["_file"] == str(run / "metrics.json")
     assert (run / "metrics.json").read_text().endswith("}\n")
     (run / "metrics.json").write_text("{bad")
-    with pytest.raises(InputError, match="invalid JSON"):
+    with pytest.raises(InputError, match="not valid JSON"):
         read_metrics(run / "metrics.json")
     write_metrics(run / "metrics.json", {"setting": "s", "fold": 1, "kind": "clip", "status": "ok", "recall@1": 0.1})
     with pytest.raises(InputError, match="recall@5"):

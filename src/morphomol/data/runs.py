@@ -12,7 +12,6 @@ and, for ok CLIP runs, ``recall@1, recall@5, random_recall@1, random_recall@5``.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -23,7 +22,7 @@ import pandas as pd
 
 from morphomol.errors import InputError
 from morphomol.util.atomic import atomic_path
-from morphomol.util.jsonio import write_json
+from morphomol.util.jsonio import read_json, write_json
 
 #: metrics every ok regression run must report in ``mean`` (Table A.1 columns)
 REQUIRED_MEAN: tuple[str, ...] = ("spearman", "pearson", "mse")
@@ -58,12 +57,7 @@ def read_metrics(path: str | Path) -> dict[str, Any]:
     file = metrics_file(path)
     if not file.exists():
         raise InputError("metrics file not found", file=file, expected="runs/{setting}/fold{k}/metrics.json")
-    try:
-        data = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"invalid JSON ({exc.msg} at line {exc.lineno})", file=file) from None
-    if not isinstance(data, dict):
-        raise InputError("expected a JSON object", file=file)
+    data = read_json(file, "metrics file", obj=True)
     for field in ("setting", "fold"):
         if field not in data:
             raise InputError("missing field", file=file, field=field)

@@ -16,7 +16,6 @@ pixels (``prealigned``). A sample without a pixel size (no ``pixel_size_um_estim
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from morphomol.errors import InputError
+from morphomol.util.jsonio import read_json
 from morphomol.util.logs import get_logger
 
 log = get_logger("io.hest")
@@ -40,16 +40,7 @@ def hest_xenium_files(hest_dir: str | Path, hest_id: str, he_path: str | Path | 
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise InputError("HEST metadata not found", file=p, expected="metadata/{id}.json of the HEST-1k layout")
-    try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"not valid JSON ({exc})", file=p, expected="HEST metadata JSON") from None
-    if not isinstance(doc, dict):
-        raise InputError("not a JSON object", file=p, expected="HEST metadata JSON object")
-    return doc
+    return read_json(path, "HEST metadata", expected="metadata/{id}.json of the HEST-1k layout", obj=True)
 
 
 def hest_pixel_size(metadata: str | Path, he_mpp: float | None = None) -> float:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import json
 import math
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -33,6 +32,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from morphomol.errors import InputError
+from morphomol.util.jsonio import read_json
 from morphomol.io.xenium_layout import (
     CELLS_FILES,
     CONTROL_PREFIXES,
@@ -138,18 +138,8 @@ class XeniumBundle:
 
     # ------------------------------------------------------------------ metadata
     def _read_experiment(self) -> dict[str, Any]:
-        f = self.experiment_path
-        if not f.is_file():
-            raise InputError(
-                "experiment.xenium not found", file=f, expected="experiment.xenium (JSON) in the Xenium output directory"
-            )
-        try:
-            data = json.loads(f.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InputError(f"not valid JSON ({exc})", file=f, expected="experiment.xenium JSON") from None
-        if not isinstance(data, dict):
-            raise InputError("top level is not a JSON object", file=f, expected="experiment.xenium JSON object")
-        return data
+        return read_json(self.experiment_path, "experiment.xenium",
+                         expected="experiment.xenium (JSON) in the Xenium output directory", obj=True)
 
     def _pixel_size(self, data: dict[str, Any]) -> float:
         f = self.experiment_path

@@ -6,11 +6,11 @@ builds the DAG (which files of a bundle a rule reads) and by the config checks.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from morphomol.errors import InputError
+from morphomol.util.jsonio import read_json
 
 CONTROL_PREFIXES: tuple[str, ...] = (
     "BLANK_",
@@ -54,10 +54,7 @@ def read_gene_panel(bundle_dir: str | Path) -> list[str] | None:
     f = Path(bundle_dir) / "gene_panel.json"
     if not f.is_file():
         return None
-    try:
-        data = json.loads(f.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"not valid JSON ({exc})", file=f, expected="gene_panel.json") from None
+    data = read_json(f, "gene_panel.json")
     payload = data.get("payload", data) if isinstance(data, dict) else {}
     targets = payload.get("targets") if isinstance(payload, dict) else None
     if not isinstance(targets, list):

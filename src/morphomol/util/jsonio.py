@@ -58,14 +58,21 @@ def write_json(path: str | Path, obj: Any, *, indent: int | None = 2, sort_keys:
     return path
 
 
-def read_json(path: str | Path, what: str = "JSON file") -> Any:
-    """Parse a JSON file; InputError naming the file when it is missing or malformed."""
+def read_json(path: str | Path, what: str = "JSON file", *, expected: str | None = None, field: str | None = None,
+              obj: bool = False) -> Any:
+    """Parse a JSON file (a JSON object when ``obj``); one InputError naming the file (and ``field`` /
+    ``expected`` when given) when it is missing, unreadable or malformed. The one JSON reader of user
+    and pipeline files."""
     p = Path(path)
     try:
-        return json.loads(p.read_text())
+        doc = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise InputError(f"{what} not found", file=p) from None
+        raise InputError(f"{what} not found", file=p, field=field, expected=expected) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read {what} ({exc})", file=p) from None
+        raise InputError(f"cannot read {what} ({exc})", file=p, field=field, expected=expected) from None
     except json.JSONDecodeError as exc:
-        raise InputError(f"invalid JSON ({exc})", file=p) from None
+        raise InputError(f"not valid JSON ({exc.msg} at line {exc.lineno})", file=p, field=field,
+                         expected=expected or what) from None
+    if obj and not isinstance(doc, dict):
+        raise InputError("not a JSON object", file=p, field=field, expected=expected or f"{what} (a JSON object)")
+    return doc

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from morphomol.errors import InputError
+from morphomol.util.jsonio import read_json
 
 FORMATS = ("spaceranger", "st", "hest")
 MATRIX = "filtered_feature_bc_matrix.h5"
@@ -94,15 +95,10 @@ def _require(d: Path, what: str, field: str, groups: list[tuple[str, tuple[str, 
 def check_sentence_model_dir(d: str | Path, field: str = "spots.captions.sentence_model") -> Path:
     """A sentence-transformers directory: modules.json (each module's files present), or a plain
     transformers model (config.json + weights + tokenizer) that gets mean pooling."""
-    import json
-
     d = Path(d)
     _require(d, "sentence model", field, [("config.json or modules.json", ("modules.json", "config.json"))])
     if (d / "modules.json").is_file():
-        try:
-            modules = json.loads((d / "modules.json").read_text())
-        except json.JSONDecodeError as exc:
-            raise InputError(f"modules.json is not valid JSON ({exc.msg})", file=d / "modules.json", field=field) from None
+        modules = read_json(d / "modules.json", "modules.json", field=field)
         for m in modules if isinstance(modules, list) else []:
             sub = d / str(m.get("path", ""))
             if str(m.get("type", "")).endswith("Transformer"):

@@ -17,7 +17,6 @@ position, in-tissue positions without counts, malformed rows.
 from __future__ import annotations
 
 import gzip
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from morphomol.errors import InputError
+from morphomol.util.jsonio import read_json
 from morphomol.util.logs import get_logger
 
 log = get_logger("spots.readers")
@@ -184,10 +184,7 @@ def read_spaceranger(matrix: str | Path, positions: str | Path, scalefactors: st
     sel = pos.iloc[where]
     sf: dict[str, float] = {}
     if scalefactors is not None and Path(scalefactors).is_file():
-        try:
-            raw = json.loads(Path(scalefactors).read_text())
-        except json.JSONDecodeError as exc:
-            raise InputError(f"invalid JSON ({exc.msg})", file=scalefactors) from None
+        raw = read_json(scalefactors, "scalefactors_json.json", obj=True)
         sf = {k: float(v) for k, v in raw.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         d = sf.get("spot_diameter_fullres")
         if d is not None and not d > 0:
@@ -293,10 +290,7 @@ def read_hest(adata: str | Path, metadata: str | Path) -> SpotData:
         raise InputError("HEST AnnData not found", file=apath, expected="st/{id}.h5ad")
     if not mpath.is_file():
         raise InputError("HEST metadata not found", file=mpath, expected="metadata/{id}.json")
-    try:
-        meta = json.loads(mpath.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"invalid JSON ({exc.msg})", file=mpath) from None
+    meta = read_json(mpath, "HEST metadata", obj=True)
     try:
         a = ad.read_h5ad(apath)
     except Exception as exc:
