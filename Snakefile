@@ -20,11 +20,27 @@ include: "workflow/rules/tokens.smk"
 # shared by every study
 include: "workflow/rules/splits.smk"
 include: "workflow/rules/features.smk"
-# studies
-include: "workflow/rules/fusion.smk"
-include: "workflow/rules/spots.smk"
-include: "workflow/rules/cells.smk"
-include: "workflow/rules/slides.smk"
+# studies: a study's rules are included only when a cohort of the configuration runs it (fewer rules, a
+# faster DAG: Snakemake looks up every input file among the outputs of every rule)
+if study_cohorts("fusion"):
+
+    include: "workflow/rules/fusion.smk"
+
+
+if study_cohorts("spots"):
+
+    include: "workflow/rules/spots.smk"
+
+
+if study_cohorts("cells"):
+
+    include: "workflow/rules/cells.smk"
+
+
+if study_cohorts("slides"):
+
+    include: "workflow/rules/slides.smk"
+
 
 
 report: "workflow/report/workflow.rst"
@@ -35,9 +51,6 @@ report: "workflow/report/workflow.rst"
 localrules:
     all,
     splits,
-    fusion_sample_predictions,
-    fusion_tables,
-    fusion_cross_cohort,
 
 
 rule all:

@@ -5,7 +5,7 @@ from morphomol.features import extract_features_group
 from morphomol.smk import run
 
 run(lambda smk: extract_features_group(
-    smk.wildcards.encoder,
+    smk.params.encoder_name,
     samples=list(smk.params.samples),
     stores=list(smk.input.stores),
     outs=list(smk.output.stores),

@@ -4,7 +4,8 @@ from morphomol.panels import panel_fold
 from morphomol.smk import run
 
 run(lambda smk: panel_fold(
-    split=smk.input.split,
+    folds=smk.input.folds,
+    fold=int(smk.wildcards.fold),
     units=dict(zip(smk.params.samples, smk.input.units, strict=True)),
     panel=smk.params.panel,
     out=smk.output[0],

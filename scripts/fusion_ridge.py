@@ -4,7 +4,7 @@ from morphomol.config import RidgeConfig, typed
 from morphomol.smk import run
 
 run(lambda smk: run_ridge_fold(
-    smk.input.split,
+    smk.input.folds,
     smk.input.panel,
     units=dict(zip(smk.params.samples, smk.input.units, strict=True)),
     features=dict(zip(smk.params.samples, smk.input.features, strict=True)),

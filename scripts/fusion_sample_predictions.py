@@ -1,6 +1,8 @@
-# Adapter of rule `fusion_sample_predictions` (workflow/rules/fusion.smk): one typed call.
-from morphomol.export.predictions import write_sample_predictions
+# Adapter of the fusion_sample_predictions_<cohort>_<k> rules (workflow/rules/fusion.smk): one typed call per
+# sample of the job's group, one sample in memory at a time.
+from morphomol.export.predictions import write_samples_predictions
 from morphomol.smk import run
 
-run(lambda smk: write_sample_predictions(sample=smk.wildcards.sample, units=smk.input.units, splits=list(smk.input.splits),
-                                         predictions=smk.params.predictions, out=str(smk.output[0])))
+run(lambda smk: write_samples_predictions(samples=list(smk.params.samples), units=list(smk.input.units),
+                                          folds=smk.input.folds, predictions=smk.params.predictions,
+                                          outs=[str(o) for o in smk.output]))

@@ -20,7 +20,8 @@ def main(smk):
         return dict(zip(samples, map(Path, inp.get(name)), strict=True)) if name in inp.keys() else {}
 
     inputs = FoldInputs(
-        split=Path(inp.split), panel=Path(inp.panel), tokens=per_sample("tokens"), tiles=per_sample("tiles"),
+        folds=Path(inp.folds), fold=int(smk.wildcards.fold), panel=Path(inp.panel), tokens=per_sample("tokens"),
+        units=per_sample("units"), tiles=per_sample("tiles"),
         features={enc: per_sample(f"features_{enc}") for enc in p.cached},
         vit_weights=Path(inp.vit_weights) if "vit_weights" in inp.keys() else None)
     outputs = RunOutputs(

@@ -7,8 +7,8 @@ from morphomol.studies.slides.run import run_fold
 run(lambda smk: run_fold(
     setting=smk.wildcards.setting,
     fold=int(smk.wildcards.fold),
-    split=smk.input.split,
-    features=dict(zip(smk.params.samples, smk.input.features, strict=True)),
+    folds=smk.input.folds,
+    embeddings=dict(zip(smk.params.samples, smk.params.embeddings, strict=True)),
     expression=smk.input.expression,
     scores=smk.input.scores,
     sets=smk.input.sets,

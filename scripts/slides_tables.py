@@ -10,7 +10,7 @@ run(lambda smk: write_tables(
     runs=smk.params.runs,
     predictions=smk.params.predictions,
     transfer=list(smk.input.transfer),
-    splits=list(smk.input.splits),
+    folds=smk.input.folds,
     expression=smk.input.expression,
     sets=smk.input.sets,
     preprocessing=smk.input.preprocessing,

@@ -6,7 +6,7 @@ from morphomol.studies.slides.transfer import run_transfer
 
 run(lambda smk: run_transfer(
     target=smk.wildcards.target,
-    features=dict(zip(smk.params.samples, smk.input.features, strict=True)),
+    embeddings=dict(zip(smk.params.samples, smk.params.embeddings, strict=True)),
     expression=smk.input.expression,
     scores=smk.input.scores,
     sets=smk.input.sets,

@@ -1,13 +1,12 @@
 # Adapter of rule `splits` (workflow/rules/splits.smk): one typed call.
 from morphomol.config import SplitsConfig, typed
 from morphomol.smk import run
-from morphomol.splits import split_fold
+from morphomol.splits import write_folds
 
-run(lambda smk: split_fold(
+run(lambda smk: write_folds(
     units=list(smk.input.units),
     samples=smk.params.samples,
     patients=smk.params.patients,
-    fold=int(smk.wildcards.fold),
     out=smk.output[0],
     cfg=typed(SplitsConfig, smk.params.splits),
     seed=smk.params.seed,

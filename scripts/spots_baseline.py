@@ -12,7 +12,7 @@ def main(smk):
     inputs = SpotsInputs(
         units=dict(zip(p.samples, map(Path, inp.units), strict=True)),
         features=dict(zip(p.samples, map(Path, inp.features), strict=True)) if "features" in inp.keys() else {},
-        splits=[Path(x) for x in inp.splits], targets=[Path(x) for x in inp.targets])
+        folds=Path(inp.folds), targets=[Path(x) for x in inp.targets])
     return run_spot_baseline(smk.wildcards.baseline, inputs, out_metrics=smk.output.metrics,
                              out_predictions=smk.output.predictions, ridge=typed(RidgeConfig, p.ridge),
                              encoder=p.encoder, seed=int(p.seed))

@@ -4,7 +4,7 @@ from morphomol.studies.spots.outputs import write_spot_outputs
 
 run(lambda smk: write_spot_outputs(
     units=dict(zip(smk.params.samples, smk.input.units, strict=True)),
-    splits=list(smk.input.splits),
+    folds=smk.input.folds,
     targets=list(smk.input.targets),
     predictions=dict(zip(smk.params.names, smk.input.predictions, strict=True)),
     reference=smk.params.reference,

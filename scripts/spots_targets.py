@@ -5,7 +5,7 @@ from morphomol.studies.spots.config import SpotsConfig
 from morphomol.studies.spots.targets import write_targets
 
 run(lambda smk: write_targets(
-    split=smk.input.split,
+    folds=smk.input.folds,
     units=dict(zip(smk.params.samples, smk.input.units, strict=True)),
     fold=int(smk.wildcards.fold),
     cfg=typed(SpotsConfig, smk.params.spots).targets,

@@ -14,7 +14,7 @@ def main(smk):
     inputs = SpotsInputs(
         units=dict(zip(p.samples, map(Path, inp.units), strict=True)),
         features=dict(zip(p.samples, map(Path, inp.features), strict=True)),
-        splits=[Path(x) for x in inp.splits], targets=[Path(x) for x in inp.targets],
+        folds=Path(inp.folds), targets=[Path(x) for x in inp.targets],
         text=(Path(inp.text_table), Path(inp.text_store)) if "text_table" in inp.keys() else None)
     return run_spot_setting(as_setting(p.setting, smk.wildcards.setting), inputs, out_metrics=smk.output.metrics,
                             out_predictions=smk.output.predictions, training=cfg.training, seeds=cfg.seeds,

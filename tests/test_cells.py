@@ -17,7 +17,15 @@ import scipy.sparse as sp
 
 from morphomol.config import default_sections
 from morphomol.errors import InputError
-from morphomol.studies.cells.folds import check_donor_fold, make_folds, read_fold, write_fold
+from morphomol.studies.cells.folds import (
+    FoldSentences,
+    check_donor_fold,
+    make_folds,
+    read_donor_folds,
+    read_fold,
+    write_fold,
+    write_folds,
+)
 from morphomol.studies.cells.ingest import build_units, read_10x_h5
 from morphomol.studies.cells.labels import LabelMap
 from morphomol.studies.cells.modelfiles import check_model_dir
@@ -28,7 +36,13 @@ from morphomol.studies.cells.prompts import (
     task_weights,
     weight_at,
 )
-from morphomol.studies.cells.sentences import cell_sentences, log_normalise, select_hvg
+from morphomol.studies.cells.sentences import (
+    cell_sentences,
+    log_normalise,
+    select_hvg,
+    select_hvg_blocks,
+    sentence_strings,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
@@ -146,6 +160,21 @@ def test_cell_sentences_order_ties_and_top_k():
     assert s[0] == ["MMM", "AAA", "CCC"]  # ties (1.0) by symbol, zeros never listed
     assert s[1] == ["CCC"]
     assert cell_sentences(X[:, [4, 3, 2, 1, 0]], genes[::-1], 3) == s  # column order does not matter
+    text, n = sentence_strings(X, genes, 3)  # the fold job's form: one arrow string per row, no loop over cells
+    assert text.to_pylist() == ["MMM AAA CCC", "CCC"] and n.tolist() == [3, 1]
+    empty, n0 = sentence_strings(sp.csr_matrix((2, 5)), genes, 3)
+    assert empty.to_pylist() == ["", ""] and n0.tolist() == [0, 0]
+
+
+def test_vectorised_sentences_equal_a_per_cell_ranking():
+    rng = np.random.default_rng(3)
+    genes = [f"g{rng.integers(1e6)}_{i}" for i in range(60)]
+    X = log_normalise(sp.csr_matrix(rng.poisson(0.4, (300, 60)).astype(float)), "counts")
+    got = cell_sentences(X, genes, 7)
+    for i in range(X.shape[0]):  # the definition, cell by cell: descending value, ties by symbol, top 7
+        row = X.getrow(i).toarray().ravel()
+        want = sorted((g for g in range(60) if row[g] > 0), key=lambda g: (-row[g], genes[g]))[:7]
+        assert got[i] == [genes[g] for g in want]
 
 
 def test_hvg_on_training_cells_only():
@@ -301,8 +330,10 @@ def test_pbmc68k_reduced_real_fixture(tmp_path):
     # pbmc68k_reduced has no donors: pseudo-donors from the cell barcodes, for the split only (a test device)
     u.obs["patient_id"] = [f"pseudo{hash(c) % 6}" for c in u.obs["cell_id"]]
     u.write_h5ad(out)
-    meta = write_fold(units=[out], fold=0, out_table=tmp_path / "f.parquet", out_meta=tmp_path / "f.json", cfg=cfg,
-                      splits=default_sections(splits={"n_folds": 3}).splits, seed=0)
+    write_folds(units=[out], out=tmp_path / "folds.parquet", splits=default_sections(splits={"n_folds": 3}).splits,
+                seed=0)
+    meta = write_fold(units=[out], folds=tmp_path / "folds.parquet", fold=0, out_table=tmp_path / "f.parquet",
+                      out_meta=tmp_path / "f.json", cfg=cfg)
     table, _ = read_fold(tmp_path / "f.parquet", tmp_path / "f.json")
     assert len(meta["hvg"]) == 200 and table["n_sentence_genes"].max() == 30
     # ranks by log-normalised value = ranks by counts: the first gene of a sentence is the cell's top gene
@@ -352,10 +383,210 @@ def test_fewer_than_two_training_types_is_an_error(tmp_path, label_map):
     h = _write_h5ad(tmp_path / "a.h5ad", X, ["T"] * 40, donors=donors)
     build_units(sample="S", patient="P", out_units=tmp_path / "u.h5ad", cfg=cells_cfg(donor_key="donor"),
                 label_map=label_map, h5ad=h)
+    write_folds(units=[tmp_path / "u.h5ad"], out=tmp_path / "folds.parquet",
+                splits=default_sections(splits={"n_folds": 2}).splits, seed=0)
     with pytest.raises(InputError, match="at least two cell types"):
-        write_fold(units=[tmp_path / "u.h5ad"], fold=0, out_table=tmp_path / "f.parquet", out_meta=tmp_path / "f.json",
-                   cfg=cells_cfg(), splits=default_sections(splits={"n_folds": 2}).splits, seed=0)
+        write_fold(units=[tmp_path / "u.h5ad"], folds=tmp_path / "folds.parquet", fold=0, out_table=tmp_path / "f.parquet",
+                   out_meta=tmp_path / "f.json", cfg=cells_cfg())
     assert not (tmp_path / "f.parquet").exists()
+
+
+# ------------------------------------------------------------------------------ scale: HVGs, folds, baselines
+def _nb_counts(rng, n, G):
+    means = np.exp(rng.uniform(np.log(0.05), np.log(30), G))
+    X = rng.negative_binomial(2, 2 / (2 + means), (n, G)).astype(np.float32)
+    X[rng.random(X.shape) < 0.3] = 0
+    X[:, :3] *= 300  # a few very large counts (float32 squares above 2**24)
+    return sp.csr_matrix(X)
+
+
+@pytest.mark.parametrize("values,flavor", [("counts", "seurat_v3"), ("counts", "seurat"), ("counts", "cell_ranger"),
+                                           ("normalised", "seurat"), ("normalised", "cell_ranger")])
+def test_hvgs_from_row_block_sums_equal_scanpy(values, flavor):
+    """Per-gene sums over row blocks (memory O(genes)) pick exactly scanpy's highly variable genes."""
+    import warnings
+
+    import scanpy as sc
+
+    rng = np.random.default_rng(0)
+    genes = [f"G{i:04d}" for i in range(600)]
+    X = _nb_counts(rng, 1200, 600)
+    if values == "normalised":
+        X = log_normalise(X, "counts")
+    a = ad.AnnData(X=sp.csr_matrix(X, dtype=np.float32), var=pd.DataFrame(index=pd.Index(genes, dtype=object)))
+    if values == "counts" and flavor != "seurat_v3":
+        a.X = log_normalise(a.X, "counts").astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sc.pp.highly_variable_genes(a, n_top_genes=120, flavor=flavor)
+    want = [g for g, h in zip(genes, a.var["highly_variable"], strict=True) if h]
+    got = select_hvg_blocks(lambda: (X[i:i + 97] for i in range(0, X.shape[0], 97)), genes, 120, values=values,
+                            flavor=flavor)
+    assert got == want and len(got) >= 120
+
+
+LABELS = REPO / "config" / "cohorts" / "demo_cells" / "labels.yaml"
+
+
+@pytest.fixture(scope="module")
+def sim_cohort(tmp_path_factory):
+    """The demo's scRNA-seq-like samples (two pools of three donors, 110 cells each) as unit tables; SC2 with a
+    row-aligned image store whose patch colour depends on the cell type."""
+    import zarr
+
+    from morphomol.synthetic.cells import simulate_cells_sample
+
+    d = tmp_path_factory.mktemp("cells_sim")
+    units = {}
+    for s, donors in (("SC1", ["D1", "D2", "D3"]), ("SC2", ["D4", "D5", "D6"])):
+        h = d / s / "cells.h5ad"
+        h.parent.mkdir(parents=True)
+        simulate_cells_sample({"h5ad": h}, sample=s, patient=s, kind="h5ad",
+                              params={"seed": 11, "cells_per_donor": 110, "pools": {s: donors}})
+        store = None
+        if s == "SC2":
+            lab = ad.read_h5ad(h).obs["cell_type"].astype(str).to_numpy()
+            rng = np.random.default_rng(5)
+            colour = {c: rng.integers(40, 220, 3) for c in sorted(set(lab))}
+            imgs = np.stack([np.clip(colour[c] + rng.normal(0, 25, (16, 16, 3)), 0, 255) for c in lab]).astype(np.uint8)
+            store = d / s / "images.zarr"
+            g = zarr.open_group(str(store), mode="w", zarr_format=3)
+            g.create_array("images", shape=imgs.shape, chunks=(64, 16, 16, 3), dtype="uint8")[:] = imgs
+        units[s] = d / s / "units.h5ad"
+        build_units(sample=s, patient=s, out_units=units[s], cfg=cells_cfg(donor_key="donor"), label_map=LABELS,
+                    h5ad=h, image_store=store)
+    return {"dir": d, "units": units, "stores": {"SC2": d / "SC2" / "images.zarr"}}
+
+
+def _dense_hvg(units, table, hvg):
+    """Reference: every unit table read whole, log1p-normalised, HVG columns, rows in the table's order."""
+    out = np.zeros((len(table), len(hvg)), np.float32)
+    for s, path in units.items():
+        a = ad.read_h5ad(path)
+        X = log_normalise(a.X, "counts")[:, [list(a.var_names).index(g) for g in hvg]].toarray()
+        pos = np.flatnonzero(table["sample_id"].to_numpy() == s)
+        out[pos] = X[table["index"].to_numpy()[pos]]
+    return out
+
+
+def test_fold_jobs_stream_row_blocks_and_equal_the_in_memory_computation(sim_cohort, tmp_path):
+    import scanpy as sc
+
+    units = list(sim_cohort["units"].values())
+    splits = default_sections(splits={"n_folds": 3, "val_fraction": 0.25}).splits
+    folds = write_folds(units=units, out=tmp_path / "folds.parquet", splits=splits, seed=0)
+    assert folds.equals(read_donor_folds(tmp_path / "folds.parquet"))
+    assert (folds[folds["partition"] == "test"].groupby("patient_id").size() == 1).all()  # each donor tested once
+    assert len(folds) == 3 * 6  # folds x donors: the assignment never holds a row per cell
+    cfg = cells_cfg(n_hvg=40, n_genes=12)
+    kw = dict(units=units, folds=tmp_path / "folds.parquet", fold=1, cfg=cfg)
+    meta = write_fold(**kw, out_table=tmp_path / "a.parquet", out_meta=tmp_path / "a.json")
+    meta_small = write_fold(**kw, out_table=tmp_path / "b.parquet", out_meta=tmp_path / "b.json", nnz_per_block=300)
+    table, _ = read_fold(tmp_path / "a.parquet", tmp_path / "a.json")
+    assert meta_small == meta and pd.read_parquet(tmp_path / "b.parquet").equals(pd.read_parquet(tmp_path / "a.parquet"))
+    # the same cells, split and text as computing everything in memory
+    full = [ad.read_h5ad(u) for u in units]
+    cells = pd.concat([pd.DataFrame({"tile_id": a.obs_names, "sample_id": a.obs["sample_id"].astype(str),
+                                     "patient_id": a.obs["patient_id"].astype(str), "index": a.obs["index"],
+                                     "label": a.obs["label"].astype(str), "has_image": a.obs["has_image"]})
+                       for a in full], ignore_index=True)
+    per_cell = make_folds(cells, 3, 0.25, seed=0)[1]
+    assert per_cell["partition"].tolist() == table["partition"].tolist()
+    assert table["tile_id"].tolist() == cells["tile_id"].tolist()
+    counts = sp.vstack([a.X for a in full]).tocsr()
+    fit = ad.AnnData(X=sp.csr_matrix(counts[np.flatnonzero(table["partition"] == "fit")], dtype=np.float32),
+                     var=pd.DataFrame(index=full[0].var_names))
+    sc.pp.highly_variable_genes(fit, n_top_genes=40, flavor="seurat_v3")
+    assert meta["hvg"] == [g for g, h in zip(full[0].var_names, fit.var["highly_variable"], strict=True) if h]
+    cols = [list(full[0].var_names).index(g) for g in meta["hvg"]]
+    want = cell_sentences(log_normalise(counts, "counts")[:, cols], meta["hvg"], 12)
+    assert table["sentence"].tolist() == [" ".join(s) for s in want]
+    assert meta["counts"] == table["partition"].value_counts().reindex(["fit", "val", "test"]).to_dict()
+    lazy = FoldSentences(tmp_path / "a.parquet", cache_groups=1)
+    assert len(lazy) == len(table) and [lazy[i] for i in (5, 0, len(table) - 1)] == table["sentence"].iloc[[5, 0, -1]].tolist()
+
+
+def test_standardised_logreg_equals_scikit_learn_on_standardised_data():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from morphomol.studies.cells.logreg import StandardisedLogisticRegression
+
+    rng = np.random.default_rng(2)
+    X = rng.poisson(rng.uniform(0.2, 6, 30), (400, 30)).astype(float) * rng.uniform(0.1, 10, 30)
+    X[:, 7] = 3.0  # a constant column
+    for k in (2, 4):
+        y = np.asarray([f"c{v}" for v in (X[:, :k] @ rng.normal(size=k) + rng.normal(0, 2, 400) > 0).astype(int)]) \
+            if k == 2 else np.asarray([f"c{v}" for v in np.argmax(X[:, :k] + rng.normal(0, 3, (400, k)), 1)])
+        ref = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=500)).fit(X, y)
+        ours = StandardisedLogisticRegression(C=0.5, max_iter=500).fit(sp.csr_matrix(X), y)
+        assert (ours.predict(sp.csr_matrix(X)) == ref.predict(X)).all()
+        np.testing.assert_allclose(ours.decision_function(X), ref.decision_function(X), atol=2e-3)
+
+
+def test_sparse_baselines_equal_the_dense_ones(sim_cohort, tmp_path):
+    """Sparse logistic regression (standardised implicitly), kNN on a reference that holds every fit cell
+    here, image / both: the same predictions as dense StandardScaler + LogisticRegression and PCA + kNN on
+    every fit cell (today's baselines); with a smaller max_reference the kNN reference is bounded and stated."""
+    from PIL import Image
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from morphomol.studies.cells.baselines import run_baselines
+
+    units = sim_cohort["units"]
+    write_folds(units=list(units.values()), out=tmp_path / "folds.parquet",
+                splits=default_sections(splits={"n_folds": 3}).splits, seed=0)
+    cfg = cells_cfg(baselines={"knn_k": 15, "knn_pcs": 20})
+    write_fold(units=list(units.values()), folds=tmp_path / "folds.parquet", fold=0, out_table=tmp_path / "f.parquet",
+               out_meta=tmp_path / "f.json", cfg=cfg)
+    kw = dict(fold_table=tmp_path / "f.parquet", fold_meta=tmp_path / "f.json", units=units,
+              image_stores=sim_cohort["stores"], max_cells=None, seed=0)
+    m = run_baselines(**kw, out_predictions=tmp_path / "b.parquet", out_metrics=tmp_path / "b.json", cfg=cfg.baselines)
+    preds = pd.read_parquet(tmp_path / "b.parquet")
+    table, meta = read_fold(tmp_path / "f.parquet", tmp_path / "f.json")
+    X = _dense_hvg(units, table, meta["hvg"])
+    y = table["label"].to_numpy(object)
+    fit = (table["partition"] == "fit").to_numpy()
+    img = table["has_image"].to_numpy(bool)
+    import zarr
+
+    raw = np.asarray(zarr.open_group(str(sim_cohort["stores"]["SC2"]), mode="r")["images"][:])
+    T = np.zeros((len(table), 16 * 16 * 3), np.float32)
+    for i in np.flatnonzero(img):
+        T[i] = np.asarray(Image.fromarray(raw[table["index"].iat[i]]).resize((16, 16), Image.Resampling.BILINEAR),
+                          np.float32).ravel() / 255.0
+
+    def lr():
+        return make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000, random_state=0))
+
+    pcs = min(20, int(fit.sum()) - 1, X.shape[1])
+    dense = {"logreg": (lr().fit(X[fit], y[fit]), X),
+             "logreg_shuffled": (lr().fit(X[fit], np.random.default_rng([0, 5]).permutation(y[fit])), X),
+             "knn": (make_pipeline(PCA(n_components=pcs, random_state=0),
+                                   KNeighborsClassifier(n_neighbors=15, metric="cosine")).fit(X[fit], y[fit]), X),
+             "logreg_image": (lr().fit(T[fit & img], y[fit & img]), T),
+             "logreg_both": (lr().fit(np.c_[X, T][fit & img], y[fit & img]), np.c_[X, T])}
+    pos = pd.Series(np.arange(len(table)), index=table["tile_id"])
+    assert {"logreg_image", "logreg_both"} <= set(preds["mode"])
+    for mode, (model, feats) in dense.items():
+        p = preds[preds["mode"] == mode]
+        assert len(p) > 0
+        want = model.predict(feats[pos[p["tile_id"]].to_numpy()])
+        assert (p["pred"].to_numpy() == want).all(), mode
+    assert m["knn_reference"] == m["n_fit"] == int(fit.sum()) and m["image_reference"] == int((fit & img).sum())
+    small = run_baselines(**kw, out_predictions=tmp_path / "s.parquet", out_metrics=tmp_path / "s.json",
+                          cfg=dataclasses.replace(cfg.baselines, max_reference=60))
+    assert small["knn_reference"] == 60 and small["image_reference"] == 60
+    acc = {r["mode"]: r["accuracy"] for r in small["results"] if r["partition"] == "test" and r["subset"] == "all"}
+    assert acc["knn"] > acc["majority"] + 0.1  # a 60-cell reference still learns the types
+    from morphomol.studies.cells.tables import reference_notes
+
+    assert reference_notes([m]) == [] and "at most 60" in reference_notes([small])[0]
 
 
 # ------------------------------------------------------------------------------ model directory

@@ -35,7 +35,7 @@ def test_demo_dag_resolves_without_torch(dry_run):
     rc, out = dry_run
     assert rc == 0, out
     for rule, n in (("cells_simulate_h5ad", 2), ("cells_simulate_xenium", 3), ("cells_register", 3), ("cells_units", 5),
-                    ("cells_patches", 3), ("cells_base_model", 1), ("cells_fold", 3), ("cells_train", 3),
+                    ("cells_patches", 3), ("cells_base_model", 1), ("cells_split", 1), ("cells_fold", 3), ("cells_train", 3),
                     ("cells_eval", 6), ("cells_baselines", 3), ("cells_tables", 1), ("cells_plots", 1)):
         line = next((ln for ln in out.splitlines() if ln.split()[:1] == [rule]), "")
         assert line.split()[1:2] == [str(n)], f"{rule}: {line!r}\n{out}"
@@ -66,6 +66,10 @@ def test_jobs_declare_what_they_read():
     for needle in ("X3/xenium/cell_feature_matrix.h5", "X3/xenium/cells.parquet", "X3/groups.csv", "X3/he.tif",
                    "samples/X3/registration.json", "demo_cells/labels.yaml"):
         assert needle in units, units
+    fold = _job_block(out, "cells_fold", "cells/folds/fold2.parquet").split("output:", 1)[0]
+    assert "cells/folds/folds.parquet" in fold and "samples/X1/units.h5ad" in fold  # the assignment is computed once
+    split = _job_block(out, "cells_split", "cells/folds/folds.parquet")
+    assert "samples/SC1/units.h5ad" in split.split("output:", 1)[0]
     sc = _job_block(out, "cells_units", "samples/SC2/units.h5ad").split("output:", 1)[0]
     assert "SC2/cells.h5ad" in sc and "registration" not in sc
 

@@ -31,18 +31,15 @@ def fs(finished_sample_dir):  # noqa: F811
     other = [f"S02__{i:06d}" for i in range(5)]
     val = [f"S03__{i:06d}" for i in range(3)]
     rng = np.random.default_rng(0)
-    splits = []
+    rows = []
     for k in range(2):
-        parts = (["fit" if k == 0 else "test"] * len(ids) + ["test" if k == 0 else "fit"] * len(other)
-                 + ["val"] * len(val))
-        df = pd.DataFrame({"tile_id": ids + other + val,
-                           "sample_id": ["S01"] * len(ids) + ["S02"] * len(other) + ["S03"] * len(val),
-                           "patient_id": ["P1"] * len(ids) + ["P2"] * len(other) + ["P3"] * len(val),
-                           "index": list(range(len(ids))) + list(range(5)) + list(range(3)), "partition": parts})
-        f = root / "splits" / f"fold{k}.parquet"
-        f.parent.mkdir(parents=True, exist_ok=True)
-        df.to_parquet(f)
-        splits.append(f)
+        for sample, patient, n, part in (("S01", "P1", len(ids), "fit" if k == 0 else "test"),
+                                         ("S02", "P2", len(other), "test" if k == 0 else "fit"),
+                                         ("S03", "P3", len(val), "val")):
+            rows.append({"fold": k, "sample_id": sample, "patient_id": patient, "n_units": n, "partition": part})
+    folds = root / "splits" / "folds.parquet"
+    folds.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_parquet(folds)
     genes = ["CD3E", "MS4A1"]
     y = np.log1p(np.asarray(a[:, genes].X.toarray()))
     preds = {}
@@ -60,7 +57,7 @@ def fs(finished_sample_dir):  # noqa: F811
             files.append(f)
         preds[name] = files
     out = root / "fusion" / "samples" / "S01.h5ad"
-    write_sample_predictions(sample="S01", units=s / "units.h5ad", splits=splits, predictions=preds, out=out)
+    write_sample_predictions(sample="S01", units=s / "units.h5ad", folds=folds, predictions=preds, out=out)
     return FinishedSample(cohort="c", sample="S01", kind="xenium", units=s / "units.h5ad", he_path=root / "sim" / "S01" / "he.tif",
                           registration=s / "registration.json", xenium_dir=root / "sim" / "S01" / "xenium",
                           predictions=out, image_store=s / "images.zarr")

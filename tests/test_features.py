@@ -250,6 +250,8 @@ def section(name):
     return lambda w: to_plain(getattr(CFG, name))
 def resource(name):
     return lambda w: int(getattr(CFG.resources, name))
+def runtime_min(base, *args, **kwargs):
+    return lambda w, input, attempt: int(base) * attempt
 include: "{repo}/workflow/rules/features.smk"
 """.strip()
 

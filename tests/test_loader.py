@@ -16,7 +16,7 @@ from morphomol.data import loader as store
 from morphomol.data.folds import read_split
 from morphomol.data.stores import SampleStore, StorePaths, load_tile_arrays, tokens_to_dense
 from morphomol.errors import InputError
-from morphomol.splits import split_fold
+from morphomol.splits import write_folds
 from morphomol.tiling import tile_sample
 from test_tiling import GENES, SMALL, make_sample
 
@@ -38,9 +38,8 @@ def cohort(tmp_path_factory):
                              panel=PANEL, patient=patients[i], io=IOConfig(qv_min=20.0, batch_size=5000),
                              buffer_size=9000)
         tiles.append(d / "units.h5ad")
-    for k in range(3):
-        split_fold(units=tiles, samples=samples, patients=patients, fold=k, out=cdir / f"splits/fold{k}.parquet",
-                   cfg=SplitsConfig(n_folds=3, val_fraction=0.5), seed=0)
+    write_folds(units=tiles, samples=samples, patients=patients, out=cdir / "splits/folds.parquet",
+                cfg=SplitsConfig(n_folds=3, val_fraction=0.5), seed=0)
     (cdir / "panels").mkdir()
     for k in range(3):
         (cdir / f"panels/fold{k}.json").write_text(json.dumps(PANEL))
@@ -56,7 +55,8 @@ def sample_store(cohort: Path, s: str) -> SampleStore:
 
 
 def split_of(cohort: Path, fold: int) -> pd.DataFrame:
-    return read_split(cohort / f"splits/fold{fold}.parquet")
+    units = {s.name: s / "units.h5ad" for s in sorted((cohort / "samples").iterdir())}
+    return read_split(cohort / "splits/folds.parquet", fold, units)
 
 
 def loader(cohort: Path, fold: int, partition, panel=None, **kw):
@@ -185,3 +185,60 @@ def test_worker_batches_equal_in_process_batches(cohort):
             torch.testing.assert_close(store.densify_tokens(b), r["tokens"], rtol=0, atol=0)
             for f in ("image", "tile_counts", "targets", "index"):
                 torch.testing.assert_close(b[f], r[f], rtol=0, atol=0)
+
+
+def _feature_stores(cohort: Path, root: Path, dim: int = 7, chunk_rows: int = 5) -> dict[str, Path]:
+    """A features store per sample (rows = the sample's tiles), chunked unlike the tile chunks."""
+    from morphomol.data.features import write_features
+
+    out = {}
+    for i, s in enumerate(sorted(p.name for p in (cohort / "samples").iterdir())):
+        n = sample_store(cohort, s).n_tiles
+        feats = np.random.default_rng(i).normal(size=(n, dim)).astype(np.float32)
+        out[s] = write_features(root / f"{s}.zarr", feats, encoder="e", chunk_rows=chunk_rows)
+    return out
+
+
+def test_cached_features_come_with_their_chunks(cohort, tmp_path):
+    """Features read per chunk with the tiles equal the stores' rows; the batches (order and contents) are
+    those of the loader without features, in process, in worker processes and through the threaded feed."""
+    from morphomol.data.features import feature_rows
+    from morphomol.data.feed import Feed
+
+    paths = _feature_stores(cohort, tmp_path)
+    kw = dict(batch_size=16, seed=4, buffer_chunks=2, images=False)
+    plain = _epoch(loader(cohort, 0, "fit", **kw), 1)
+    with_f = _epoch(loader(cohort, 0, "fit", features={"morph_feat": paths}, **kw), 1)
+    assert [b["tile_id"] for b in with_f] == [b["tile_id"] for b in plain]
+    for b, p in zip(with_f, plain):
+        assert b["morph_feat"].dtype == torch.float32 and b["morph_feat"].shape == (len(b["tile_id"]), 7)
+        np.testing.assert_array_equal(b["morph_feat"].numpy(), feature_rows(paths, b["tile_id"]))
+        for f in ("tokens", "tile_counts", "targets", "index"):
+            torch.testing.assert_close(b[f], p[f], rtol=0, atol=0)
+    workers = {tuple(b["tile_id"]): b for b in _epoch(loader(cohort, 0, "fit", features={"morph_feat": paths},
+                                                             num_workers=2, **kw), 1)}
+    assert sorted(workers) == sorted(tuple(b["tile_id"]) for b in with_f)
+    for b in with_f:
+        torch.testing.assert_close(workers[tuple(b["tile_id"])]["morph_feat"], b["morph_feat"], rtol=0, atol=0)
+    stream = store.TileStream(split_of(cohort, 0), PANEL, stores(cohort), "fit", shuffle=True, tokens=False,
+                              features={"morph_feat": paths}, **kw)
+    fed = [(list(b["tile_id"]), b["morph_feat"].clone()) for b in Feed(stream, threads=2, device="cpu").epoch(1)]
+    assert [ids for ids, _ in fed] == [b["tile_id"] for b in with_f]
+    for (_, f), b in zip(fed, with_f):
+        torch.testing.assert_close(f, b["morph_feat"], rtol=0, atol=0)
+
+
+def test_cached_features_bad_stores(cohort, tmp_path):
+    from morphomol.data.features import write_features
+
+    paths = _feature_stores(cohort, tmp_path)
+    with pytest.raises(InputError, match="no cached features for sample 'B'"):
+        loader(cohort, 0, ["fit", "val", "test"], features={"f": {k: v for k, v in paths.items() if k != "B"}})
+    short = dict(paths, A=write_features(tmp_path / "short.zarr", np.zeros((3, 7)), encoder="e"))
+    with pytest.raises(InputError, match="out of range") as exc:
+        loader(cohort, 0, ["fit", "val", "test"], features={"f": short})
+    assert "short.zarr" in str(exc.value)
+    n = sample_store(cohort, "A").n_tiles
+    wide = dict(paths, A=write_features(tmp_path / "wide.zarr", np.zeros((n, 9)), encoder="e"))
+    with pytest.raises(InputError, match="feature dim"):
+        loader(cohort, 0, ["fit", "val", "test"], features={"f": wide})

@@ -27,6 +27,12 @@ def _counts(sample, n, genes, rng, hv=()):
     return ad.AnnData(X=sp.csr_matrix(X), obs=obs, var=pd.DataFrame(index=genes))
 
 
+def _folds(path, *folds):
+    rows = [{"fold": k, "sample_id": s, "patient_id": f"P{s}", "n_units": 1, "partition": p}
+            for k, parts in enumerate(folds) for s, p in parts.items()]
+    pd.DataFrame(rows).to_parquet(path)
+
+
 def test_loess_recovers_quadratic():
     x = np.linspace(0, 1, 200)
     y = 1 + 2 * x - 3 * x**2
@@ -51,17 +57,18 @@ def test_hvg_mode_picks_overdispersed_genes_on_fit_tiles(tmp_path):
     adata.obs["sample"] = ["S0"] * 200 + ["S1"] * 200
     top = hvg_seurat_v3(adata, 3, "sample")
     assert set(top) == {"G01", "G05", "G06"}
-    # rule entry with split + counts files
+    # rule entry with the fold table + unit tables: the fit samples' tiles (S0, S1; S2 is test)
     paths = []
+    a["S2"] = _counts("S2", 300, genes, rng, ["G01"])
     for s, x in a.items():
         p = tmp_path / f"{s}.h5ad"
         x.write_h5ad(p)
         paths.append(p)
-    split = pd.DataFrame({"tile_id": fit, "partition": ["fit"] * 450 + ["test"] * 150})
-    split.to_parquet(tmp_path / "fold0.parquet")
+    _folds(tmp_path / "folds.parquet", {"S0": "fit", "S1": "fit", "S2": "test", "SV": "val"},
+           {"S0": "test", "S1": "fit", "S2": "fit", "SV": "val"})
     out = tmp_path / "panels/fold0.json"
-    panel_fold(split=tmp_path / "fold0.parquet", units=dict(zip(["S0", "S1"], paths)), panel={"mode": "hvg"},
-               out=out, cfg=PanelsConfig(mode="hvg", n_hvg_targets=3))
+    panel_fold(folds=tmp_path / "folds.parquet", fold=0, units=dict(zip(["S0", "S1", "S2"], paths)),
+               panel={"mode": "hvg"}, out=out, cfg=PanelsConfig(mode="hvg", n_hvg_targets=3), chunk_rows=64)
     assert sorted(json.loads(out.read_text())["addon"]) == hv
 
 
@@ -72,3 +79,47 @@ def test_yaml_panel_and_missing_genes():
         yaml_panel({"core": ["A"], "addon": ["C"]}, {"S0": ["A", "C"], "S1": ["A"]})
     with pytest.raises(InputError, match="both core and addon"):
         yaml_panel({"core": ["A"], "addon": ["A"]}, {"S0": ["A"]})
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_streamed_hvgs_equal_scanpy_seurat_v3(tmp_path, seed):
+    """The rule's HVGs (unit tables read in row chunks: per-gene sums per sample, loess, clipped sums) are
+    scanpy's seurat_v3 HVGs (batch_key = sample) of the fit samples' tiles in memory; so are the normalised
+    variances, and the rule entry's panel."""
+    import scanpy as sc
+
+    from morphomol.data.units import write_units
+    from morphomol.panels import seurat_v3_batch, seurat_v3_streamed, unit_chunks
+
+    rng = np.random.default_rng(seed)
+    genes = [f"G{i:03d}" for i in range(int(rng.integers(60, 200)))]
+    G = len(genes)
+    units, mem = {}, []
+    for k in range(4):
+        n = int(rng.integers(150, 600))
+        mean = np.geomspace(0.05, 40, G)[rng.permutation(G)]
+        X = rng.poisson(rng.gamma(rng.uniform(0.2, 4, G), mean / 2, size=(n, G))).astype(np.float32)
+        X[:, rng.integers(0, G, 3)] = 0  # genes constant in this sample
+        X[rng.integers(0, n, 3), rng.integers(0, G, 3)] += 500  # outliers: clipped
+        s = f"S{k}"
+        ids = [f"{s}__{i:06d}" for i in range(n)]
+        units[s] = write_units(tmp_path / f"{s}.h5ad", pd.DataFrame(index=ids), sp.csr_matrix(X), genes,
+                               spatial_um=np.zeros((n, 2)), unit="tile", sample=s)
+        if k < 3:
+            mem.append(ad.AnnData(sp.csr_matrix(X), obs=pd.DataFrame({"sample": s}, index=ids),
+                                  var=pd.DataFrame(index=genes)))
+    adata = ad.concat(mem)
+    adata.obs["sample"] = adata.obs["sample"].astype("category")
+    n_top = int(rng.integers(5, G // 3))
+    with np.errstate(all="ignore"):
+        ref = sc.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=n_top, batch_key="sample",
+                                          inplace=False)
+    want = list(adata.var_names[ref["highly_variable"].to_numpy(bool)])
+    batches = {s: unit_chunks(units[s], genes, chunk_rows=61) for s in ("S0", "S1", "S2")}
+    assert seurat_v3_streamed(batches, genes, n_top) == want
+    norm = np.mean([seurat_v3_batch(batches[s], G) for s in sorted(batches)], axis=0)
+    np.testing.assert_allclose(norm, ref["variances_norm"].to_numpy(), rtol=1e-12, atol=0)
+    _folds(tmp_path / "folds.parquet", {"S0": "fit", "S1": "fit", "S2": "fit", "S3": "test", "SV": "val"})
+    res = panel_fold(folds=tmp_path / "folds.parquet", fold=0, units=units, panel={"mode": "hvg"},
+                     out=tmp_path / "fold0.json", cfg=PanelsConfig(mode="hvg", n_hvg_targets=n_top), chunk_rows=100)
+    assert res["addon"] == want and res["core"] == [g for g in genes if g not in set(want)]

@@ -1,6 +1,7 @@
 """HEST-style ridge baseline: recovers linear signal, chooses alpha by patient-grouped CV, and
-writes metrics.json / predictions.parquet for a fold from real unit tables and feature stores,
-scored by the metrics every trained setting uses (morphomol.eval.metrics)."""
+writes metrics.json / predictions.parquet for a fold from the fold table, real unit tables and feature
+stores, scored by the metrics every trained setting uses (morphomol.eval.metrics). Equality with the
+in-memory pipeline it replaced: tests/test_ridge_out_of_core.py."""
 
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def test_pca_capped_by_samples_and_matches_sklearn():
     np.testing.assert_allclose(res["pred"], want, rtol=1e-6, atol=1e-8)
 
 
-def test_alpha_selection_is_grouped_by_patient(monkeypatch):
+def test_alpha_selection_is_grouped_by_patient():
     # Each patient has its own target offset and its own feature "fingerprint": memorising the
     # fingerprints predicts held-out tiles of *seen* patients but not unseen patients. Grouped CV
     # must therefore prefer heavy shrinkage, and no patient may straddle an inner split.
@@ -65,21 +66,11 @@ def test_alpha_selection_is_grouped_by_patient(monkeypatch):
     finger = rng.normal(size=(n_groups, d)) * 3
     x = finger[groups] + 0.1 * rng.normal(size=(n_groups * per, d))
     y = rng.normal(size=(n_groups, 2))[groups] + 0.05 * rng.normal(size=(n_groups * per, 2))
-    seen = []
-    from sklearn import model_selection
-
-    real = model_selection.GroupKFold
-
-    class Spy(real):  # type: ignore[misc, valid-type]
-        def split(self, X, y=None, groups=None):
-            for tr, va in super().split(X, y, groups):
-                seen.append((set(np.asarray(groups)[tr]), set(np.asarray(groups)[va])))
-                yield tr, va
-
-    monkeypatch.setattr(model_selection, "GroupKFold", Spy)
     alphas = [1e-3, 1e-1, 1e1, 1e3, 1e5]
     res = ridge_baseline(x, y, groups, x[:5], None, alphas=alphas, inner_folds=4)
-    assert len(seen) == 4 and all(not (a & b) for a, b in seen)
+    assert res["n_inner_folds"] == 4
+    assert set(res["inner_groups"]) == {str(g) for g in range(n_groups)}  # one inner fold per patient
+    assert sorted(set(res["inner_groups"].values())) == [0, 1, 2, 3]
     assert res["alpha"] == 1e5
     # with a real, shared signal the same search picks light shrinkage
     x2, y2, g2 = _linear(240, 30, 2, 12, seed=4, noise=0.05)
@@ -99,7 +90,8 @@ def test_bad_inputs():
     with pytest.raises(InputError, match="shapes"):
         ridge_baseline(x, y, groups, x[:, :3], y)
     m = per_gene_metrics(np.ones((5, 1)), np.arange(5.0)[:, None], ["FLAT"])
-    assert np.isnan(m.at["FLAT", "pearson"]) and m.at["FLAT", "mse"] == pytest.approx(np.mean((np.arange(5.0) - 1) ** 2))
+    assert np.isnan(m.at["FLAT", "pearson"])
+    assert m.at["FLAT", "mse"] == pytest.approx(np.mean((np.arange(5.0) - 1) ** 2))
 
 
 def test_metrics_are_those_of_the_trained_settings():
@@ -115,7 +107,7 @@ def test_metrics_are_those_of_the_trained_settings():
 
 
 def _cohort(tmp: Path, genes: list[str], addon: list[str]):
-    """Six samples of 30 tiles: features stores, unit tables (raw counts of all genes), split, panel."""
+    """Six samples of 30 tiles: features stores, unit tables (raw counts of all genes), fold table, panel."""
     rng = np.random.default_rng(6)
     w = rng.normal(size=(16, len(genes)))
     feats, units, rows = {}, {}, []
@@ -133,10 +125,8 @@ def _cohort(tmp: Path, genes: list[str], addon: list[str]):
                                     spatial_um=np.zeros((n, 2)), unit="tile", sample=sample, patient=f"P{s}")
         feats[sample] = fz
         part = "test" if s < 2 else ("val" if s == 2 else "fit")
-        for i in range(n):
-            rows.append({"tile_id": ids[i], "sample_id": sample, "patient_id": f"P{s}", "index": i,
-                         "partition": part})
-    split = tmp / "splits/fold0.parquet"
+        rows.append({"fold": 0, "sample_id": sample, "patient_id": f"P{s}", "n_units": n, "partition": part})
+    split = tmp / "splits/folds.parquet"
     split.parent.mkdir(parents=True)
     pd.DataFrame(rows).to_parquet(split)
     panel = tmp / "panels/fold0.json"
@@ -165,7 +155,8 @@ def test_run_ridge_fold_writes_contract_outputs(tmp_path):
     assert set(saved["mean"]) == {"pearson", "spearman", "mse", "mae"}
     assert saved["mean"]["pearson"] > 0.5 and saved["alpha"] in (0.1, 10.0, 1000.0)
     pred = pd.read_parquet(out / "predictions.parquet")
-    assert list(pred.columns) == ["tile_id", "gene", "y", "y_hat"] and len(pred) == 60 * 2
+    assert list(pred.columns) == ["tile_id", "gene", "y", "y_hat", "sample_id"] and len(pred) == 60 * 2
+    assert set(pred["sample_id"]) == {"S0", "S1"}
     assert pred["tile_id"].str.startswith(("S0__", "S1__")).all()
     # y is log1p of the add-on counts of the right tile (unit table row 7 of S1, gene A = column 0)
     row = pred[(pred.tile_id == "S1__000007") & (pred.gene == "A")].iloc[0]
@@ -185,24 +176,32 @@ def test_run_ridge_fold_writes_contract_outputs(tmp_path):
 
 
 def test_run_ridge_fold_checks_rows(tmp_path):
+    from morphomol.data.features import UnitGeometry, write_features
+
     split, panel, units, feats = _cohort(tmp_path, ["A", "B"], ["B"])
     out = tmp_path / "runs/ridge_vit_s/fold0"
+    # a features store whose rows are the units of another sample
+    x = np.zeros((30, 16), np.float32)
+    other = UnitGeometry(np.array([f"S4__{i:06d}" for i in range(30)], dtype=object), np.zeros((30, 2)),
+                         np.zeros((30, 2)))
+    bad = dict(feats, S3=write_features(tmp_path / "S3_wrong.zarr", x, encoder="vit_s", units=other))
+    with pytest.raises(InputError, match="belong to another unit"):
+        run_ridge_fold(split, panel, units, bad, out / "metrics.json", out / "predictions.parquet",
+                       encoder="vit_s", fold=0, cfg=RIDGE)
     df = pd.read_parquet(split)
-    df.loc[df["tile_id"] == "S3__000004", "index"] = 5  # the row of another tile
+    df.loc[df["sample_id"] == "S3", "n_units"] = 31  # a fold table older than the unit tables
     df.to_parquet(split)
-    with pytest.raises(InputError, match="S3__000004"):
+    with pytest.raises(InputError, match="lists 31 units for sample 'S3'"):
         run_ridge_fold(split, panel, units, feats, out / "metrics.json", out / "predictions.parquet",
                        encoder="vit_s", fold=0, cfg=RIDGE)
-    df.loc[df["tile_id"] == "S3__000004", "index"] = 30
-    df.to_parquet(split)
-    with pytest.raises(InputError, match="out of range"):
-        run_ridge_fold(split, panel, units, feats, out / "metrics.json", out / "predictions.parquet",
-                       encoder="vit_s", fold=0, cfg=RIDGE)
-    df.loc[df["tile_id"] == "S3__000004", "index"] = 4
+    df.loc[df["sample_id"] == "S3", "n_units"] = 30
     df.to_parquet(split)
     with pytest.raises(InputError, match="no unit table for sample 'S5'"):
         run_ridge_fold(split, panel, {k: v for k, v in units.items() if k != "S5"}, feats, out / "metrics.json",
                        out / "predictions.parquet", encoder="vit_s", fold=0, cfg=RIDGE)
+    with pytest.raises(InputError, match="fold 1 is not in the fold table"):
+        run_ridge_fold(split, panel, units, feats, out / "metrics.json", out / "predictions.parquet",
+                       encoder="vit_s", fold=1, cfg=RIDGE)
     assert not out.exists() or not any(out.iterdir())
 
 
@@ -215,3 +214,20 @@ def test_run_ridge_fold_bad_panel_writes_nothing(tmp_path):
                        encoder="vit_s", fold=0, cfg=RIDGE)
     assert not out.exists() or not any(out.iterdir())
     assert ridge.DEFAULT_COMPONENTS == 256
+
+
+def test_blockwise_report_is_the_shared_report():
+    from morphomol.baselines.ridge import report_blockwise
+
+    rng = np.random.default_rng(8)
+    y, p = rng.normal(size=(50, 7)), rng.normal(size=(50, 7))
+    y[:, 2] = 1.0  # undefined correlation
+    p[:5, 4] = p[5:10, 4]  # ties in the ranks
+    genes = [f"g{j}" for j in range(7)]
+    got, want = report_blockwise(y, p, genes, block=3), regression_report(y, p, genes)
+    assert got["genes"] == want["genes"] and got["n_undefined"] == want["n_undefined"] == 1
+    for m, v in want["mean"].items():
+        assert got["mean"][m] == pytest.approx(v, rel=1e-12)
+    for g in genes:  # the same numbers up to summation order within a block
+        for m, v in want["per_gene"][g].items():
+            assert got["per_gene"][g][m] == pytest.approx(v, rel=1e-12, nan_ok=True)

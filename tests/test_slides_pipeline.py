@@ -1,10 +1,13 @@
 """The slides study end to end in process on a tiny simulated cohort (24 slides, 12 patients, 2 cohorts):
-simulate -> tile -> shared feature cache -> RNA -> ssGSEA -> shared folds -> fold runs -> transfer -> tables.
-Checks the outputs' contracts, patient grouping, determinism and the anchors written beside the results."""
+simulate -> tile -> shared feature cache -> per-slide embeddings -> RNA -> ssGSEA -> shared folds -> fold runs
+-> transfer -> tables. Checks the outputs' contracts, patient grouping, determinism and the anchors written
+beside the results. The feature stores are removed once the slides are embedded: fold and transfer jobs read
+the per-slide embeddings only."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,7 @@ import pandas as pd
 import pytest
 
 from morphomol.config import default_sections
+from morphomol.data.features import read_features
 
 GMT = Path(__file__).parent / "data" / "slides_gene_sets" / "h.all.v7.0.symbols.gmt"
 GROUNDED = ("HALLMARK_G2M_CHECKPOINT", "HALLMARK_INTERFERON_GAMMA_RESPONSE")
@@ -20,8 +24,10 @@ GROUNDED = ("HALLMARK_G2M_CHECKPOINT", "HALLMARK_INTERFERON_GAMMA_RESPONSE")
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     from morphomol.config import EncoderConfig, FeaturesConfig, ViTConfig
+    from morphomol.config import SplitsConfig
     from morphomol.features import extract_features_group
-    from morphomol.splits import collect_units, make_splits
+    from morphomol.splits import write_folds
+    from morphomol.studies.slides.bank import embed_slides, embedding_path
     from morphomol.studies.slides.genesets import score_gene_sets
     from morphomol.studies.slides.rna import prepare_rna
     from morphomol.studies.slides.tiles import tile_slides
@@ -55,20 +61,25 @@ def cohort(tmp_path_factory):
     gs = root / "slides" / "genesets"
     score_gene_sets(expression=rna / "expression.h5ad", gmt=[GMT], out_scores=gs / "scores.parquet",
                     out_sets=gs / "sets.json", out_coverage=gs / "coverage.tsv", cfg=cfg.gene_sets, seed=0)
-    folds, _ = make_splits(collect_units(units, s, sheet["patient_id"].tolist()), 3, 0.25, 0)
-    splits = []
-    for k, f in enumerate(folds):
-        splits.append(root / "splits" / f"fold{k}.parquet")
-        splits[-1].parent.mkdir(parents=True, exist_ok=True)
-        f.to_parquet(splits[-1])
-    return {"root": root, "cfg": cfg, "samples": s, "features": dict(zip(s, feats, strict=True)), "splits": splits,
-            "rna": rna, "gs": gs, "sheet": sheet}
+    folds = root / "splits" / "folds.parquet"
+    write_folds(units=units, samples=s, patients=sheet["patient_id"].tolist(), out=folds,
+                cfg=SplitsConfig(n_folds=3, val_fraction=0.25), seed=0)
+    embeddings = {}
+    for g, part in enumerate((s[:10], s[10:])):  # two groups, as two slides_embed jobs
+        d = root / "slides" / "embeddings" / f"group{g}"
+        embed_slides(features=[feats[s.index(x)] for x in part], samples=part, out_dir=d,
+                     max_tiles=cfg.abmil_max_tiles, seed=0)
+        embeddings.update({x: embedding_path(d, x) for x in part})
+    features = {x: np.asarray(read_features(f)[0]) for x, f in zip(s, feats, strict=True)}
+    shutil.rmtree(root / "features")  # fold and transfer jobs must not need them
+    return {"root": root, "cfg": cfg, "samples": s, "tile_features": features, "embeddings": embeddings,
+            "folds": folds, "rna": rna, "gs": gs, "sheet": sheet}
 
 
 def _run(c, setting: str, fold: int, out: Path):
     from morphomol.studies.slides.run import run_fold
 
-    return run_fold(setting=setting, fold=fold, split=c["splits"][fold], features=c["features"],
+    return run_fold(setting=setting, fold=fold, folds=c["folds"], embeddings=c["embeddings"],
                     expression=c["rna"] / "expression.h5ad", scores=c["gs"] / "scores.parquet", sets=c["gs"] / "sets.json",
                     cfg=c["cfg"], seed=0, out_metrics=out / "metrics.json", out_predictions=out / "predictions.parquet",
                     out_checkpoint=out / "checkpoint.safetensors", out_checkpoint_meta=out / "checkpoint.json", threads=1)
@@ -114,16 +125,18 @@ def test_fold_runs_are_deterministic(cohort, runs, tmp_path):
 
 
 def test_patient_leakage_in_a_split_is_caught(cohort):
-    from morphomol.data.folds import read_split
+    from morphomol.data.folds import read_folds
     from morphomol.studies.slides.data import slide_partitions
 
-    sp = read_split(cohort["splits"][0])
-    first = sp["sample_id"] == sp[sp["partition"] == "test"]["sample_id"].iloc[0]
-    pat = sp.loc[first, "patient_id"].iloc[0]
-    other = (sp["patient_id"] == pat) & ~first
-    sp.loc[other, "partition"] = "fit"
+    folds = read_folds(cohort["folds"])
+    f0 = folds["fold"] == 0
+    first = f0 & (folds["sample_id"] == folds[f0 & (folds["partition"] == "test")]["sample_id"].iloc[0])
+    pat = folds.loc[first, "patient_id"].iloc[0]
+    folds.loc[f0 & (folds["patient_id"] == pat) & ~first, "partition"] = "fit"
     with pytest.raises(AssertionError, match="two partitions"):
-        slide_partitions(sp, cohort["samples"])
+        slide_partitions(folds, 0, cohort["samples"])
+    assert list(slide_partitions(cohort["folds"], 0, cohort["samples"][:3])) == \
+        list(read_folds(cohort["folds"]).query("fold == 0").set_index("sample_id").loc[cohort["samples"][:3], "partition"])
 
 
 def test_transfer_and_tables(cohort, runs, tmp_path):
@@ -135,7 +148,7 @@ def test_transfer_and_tables(cohort, runs, tmp_path):
     tr = []
     for target in ("CA", "CB"):
         tr.append(tmp_path / "transfer" / f"{target}.json")
-        res = run_transfer(target=target, features=cohort["features"], expression=cohort["rna"] / "expression.h5ad",
+        res = run_transfer(target=target, embeddings=cohort["embeddings"], expression=cohort["rna"] / "expression.h5ad",
                            scores=cohort["gs"] / "scores.parquet", sets=cohort["gs"] / "sets.json", cfg=cohort["cfg"],
                            val_fraction=0.25, seed=0, out=tr[-1], threads=1)
         modes = [(r["mode"], r["fraction"]) for r in res["records"]]
@@ -144,7 +157,7 @@ def test_transfer_and_tables(cohort, runs, tmp_path):
     out = tmp_path / "tables"
     summary = write_tables(runs={s: [d / "metrics.json" for d in ds] for s, ds in runs.items()},
                            predictions={s: [d / "predictions.parquet" for d in ds] for s, ds in runs.items()},
-                           transfer=tr, splits=cohort["splits"], expression=cohort["rna"] / "expression.h5ad",
+                           transfer=tr, folds=cohort["folds"], expression=cohort["rna"] / "expression.h5ad",
                            sets=cohort["gs"] / "sets.json", preprocessing=cohort["rna"] / "preprocessing.json",
                            genes=cohort["rna"] / "genes.txt", out_dir=out, cfg=cohort["cfg"])
     folds = pd.read_csv(out / "folds.tsv", sep="\t")

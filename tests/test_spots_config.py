@@ -143,7 +143,7 @@ def test_spots_rules_declare_what_their_jobs_read():
     align = block("spots_train", "runs/align_captions/metrics.json")
     mean = block("spots_baseline", "runs/mean/metrics.json")
     for b in (head, align):
-        assert "features/vit_s/S06.zarr" in b and "splits/fold2.parquet" in b and "spots/targets/fold2.json" in b
+        assert "features/vit_s/S06.zarr" in b and "splits/folds.parquet" in b and "spots/targets/fold2.json" in b
         assert "images.zarr" not in b  # heads train on cached features
     assert "text/embeddings.zarr" in align and "text/embeddings.zarr" not in head
     assert "features/" not in mean and "samples/S06/units.h5ad" in mean

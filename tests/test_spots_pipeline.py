@@ -15,7 +15,7 @@ import yaml
 from morphomol.config import default_sections
 from morphomol.errors import InputError
 from morphomol.features import extract_features
-from morphomol.splits import split_fold
+from morphomol.splits import write_folds
 from morphomol.studies.spots.baselines import hest_alpha, ridge_hest_fit_predict, run_spot_baseline
 from morphomol.studies.spots.layout import spaceranger_files
 from morphomol.studies.spots.settings import load_settings
@@ -58,20 +58,20 @@ def cohort(tmp_path_factory):
         feats[s] = root / "features" / f"{s}.zarr"
         extract_features(root / "samples" / s / "images.zarr", feats[s], "vit_s", device="cpu", batch_size=64,
                          overrides={"embed_dim": 32, "depth": 1, "num_heads": 2, "patch_size": 32})
-    splits, targets = [], []
+    folds = root / "splits" / "folds.parquet"
+    write_folds(units=list(units.values()), samples=list(SAMPLES), patients=[f"P{i}" for i in range(4)], out=folds,
+                cfg=cfg.splits)
+    targets = []
     for k in range(2):
-        splits.append(root / "splits" / f"fold{k}.parquet")
-        split_fold(units=list(units.values()), samples=list(SAMPLES), patients=[f"P{i}" for i in range(4)], fold=k,
-                   out=splits[-1], cfg=cfg.splits)
         targets.append(root / "targets" / f"fold{k}.json")
-        write_targets(split=splits[-1], units=units, fold=k, cfg=cfg.spots.targets, out=targets[-1])
+        write_targets(folds=folds, units=units, fold=k, cfg=cfg.spots.targets, out=targets[-1])
     model = build_tiny_sentence_model(root / "tiny_st")
     text = (root / "text" / "captions.parquet", root / "text" / "embeddings.zarr")
     embed_cohort_captions(units=units, sources={s: ("csv", root / "sim" / s / "captions.csv") for s in SAMPLES},
                           model_dir=model, batch_size=32, out_table=text[0], out_store=text[1])
     sfile = root / "spots.yaml"
     sfile.write_text(yaml.safe_dump(SETTINGS))
-    return {"root": root, "cfg": cfg, "inputs": SpotsInputs(units=units, features=feats, splits=splits, targets=targets,
+    return {"root": root, "cfg": cfg, "inputs": SpotsInputs(units=units, features=feats, folds=folds, targets=targets,
                                                            text=text), "settings": load_settings(sfile)}
 
 
@@ -86,7 +86,8 @@ def _train(cohort, name, out=None, **kw):
 def test_targets_come_from_training_samples_only(cohort, tmp_path):
     inp = cohort["inputs"]
     doc = json.loads(inp.targets[0].read_text())
-    split = pd.read_parquet(inp.splits[0])
+    split = pd.read_parquet(inp.folds)
+    split = split[split["fold"] == 0]
     test_samples = sorted(split.loc[split["partition"] == "test", "sample_id"].unique())
     assert sorted(doc["train_samples"]) == sorted(set(SAMPLES) - set(test_samples))
     roles = [g.split("_")[0] for g in doc["genes"]]
@@ -98,10 +99,10 @@ def test_targets_come_from_training_samples_only(cohort, tmp_path):
     a.X = a.X[np.random.default_rng(0).permutation(a.n_obs)]
     changed = tmp_path / "changed.h5ad"
     a.write_h5ad(changed)
-    again = select_targets(split=inp.splits[0], units={**inp.units, t: changed}, fold=0,
+    again = select_targets(folds=inp.folds, units={**inp.units, t: changed}, fold=0,
                            cfg=cohort["cfg"].spots.targets)
     assert again["genes"] == doc["genes"] and again["eval_genes"] == doc["eval_genes"]
-    hvg = select_targets(split=inp.splits[0], units=inp.units, fold=0,
+    hvg = select_targets(folds=inp.folds, units=inp.units, fold=0,
                          cfg=default_sections(spots={"targets": {"mode": "hvg", "n_genes": 30}}).spots.targets)
     assert len(hvg["genes"]) == 30 and hvg["genes"] != doc["genes"]
 
@@ -140,7 +141,7 @@ def test_finished_runs_are_reused_only_onto_the_same_inputs(cohort):
 
 def test_alignment_without_captions_is_an_input_error(cohort):
     inp = cohort["inputs"]
-    bare = SpotsInputs(units=inp.units, features=inp.features, splits=inp.splits, targets=inp.targets, text=None)
+    bare = SpotsInputs(units=inp.units, features=inp.features, folds=inp.folds, targets=inp.targets, text=None)
     with pytest.raises(InputError, match="aligns to captions but no spot has one"):
         run_spot_setting(cohort["settings"]["align"], bare, out_metrics=cohort["root"] / "x" / "m.json",
                          out_predictions=cohort["root"] / "x" / "p.parquet", training=cohort["cfg"].spots.training,
@@ -171,9 +172,8 @@ def test_baselines_on_the_same_splits(cohort):
     ridge = default_sections(ridge={"n_components": 16, "alphas": [0.1, 10.0, 1000.0], "inner_folds": 2}).ridge
     out = {}
     for name in ("mean", "ridge_hest", "ridge_cv"):
-        out[name] = run_spot_baseline(name, SpotsInputs(units=inp.units, features=inp.features, splits=inp.splits,
-                                                        targets=inp.targets),
-                                      out_metrics=root / "runs" / name / "metrics.json",
+        out[name] = run_spot_baseline(name, SpotsInputs(units=inp.units, features=inp.features, folds=inp.folds,
+                                                        targets=inp.targets), out_metrics=root / "runs" / name / "metrics.json",
                                       out_predictions=root / "runs" / name / "predictions.parquet", ridge=ridge,
                                       encoder="vit_s")
     assert all(r["test_pearson"] != r["test_pearson"] for r in out["mean"]["runs"])  # NaN: constant predictor
@@ -189,11 +189,10 @@ def test_folds_are_asserted_patient_grouped(cohort, tmp_path):
     from morphomol.studies.spots.data import load_cohort, load_fold
 
     inp = cohort["inputs"]
-    s = pd.read_parquet(inp.splits[0])
-    test_pat = s.loc[s["partition"] == "test", "patient_id"].iloc[0]
-    rows = s.index[s["patient_id"] == test_pat]
-    s.loc[rows[: len(rows) // 2], "partition"] = "fit"  # one patient on two sides
-    bad = tmp_path / "fold0.parquet"
+    s = pd.read_parquet(inp.folds)
+    f0 = s.index[(s["fold"] == 0) & (s["partition"] == "test")]
+    s.loc[f0[0], "patient_id"] = s.loc[s.index[(s["fold"] == 0) & (s["partition"] == "fit")][0], "patient_id"]
+    bad = tmp_path / "folds.parquet"  # one patient on two sides of fold 0
     s.to_parquet(bad)
     spots = load_cohort(inp.units, None, json.loads(inp.targets[0].read_text())["genes"])
     with pytest.raises(AssertionError, match="appears in two partitions"):
@@ -211,7 +210,7 @@ def test_tables_and_per_sample_outputs(cohort):
     ridge = default_sections(ridge={"n_components": 16, "alphas": [0.1, 10.0], "inner_folds": 2}).ridge
     for name in ("mean", "ridge_hest", "ridge_cv"):
         if not (root / "runs" / name / "metrics.json").exists():
-            run_spot_baseline(name, SpotsInputs(units=inp.units, features=inp.features, splits=inp.splits,
+            run_spot_baseline(name, SpotsInputs(units=inp.units, features=inp.features, folds=inp.folds,
                                                 targets=inp.targets), out_metrics=root / "runs" / name / "metrics.json",
                               out_predictions=root / "runs" / name / "predictions.parquet", ridge=ridge, encoder="vit_s")
     st = cohort["settings"]
@@ -232,7 +231,7 @@ def test_tables_and_per_sample_outputs(cohort):
     comp = pd.read_csv(paths["spots_comparisons.csv"])
     assert comp.set_index("setting").loc["align_lambda0", "d_test_pearson_mean"] == 0
     assert "\\begin{tabular}" in paths["spots_settings.tex"].read_text()
-    summary = write_spot_outputs(units=inp.units, splits=inp.splits, targets=inp.targets,
+    summary = write_spot_outputs(units=inp.units, folds=inp.folds, targets=inp.targets,
                                  predictions={n: root / "runs" / n / "predictions.parquet"
                                               for n in ("seed_head", "mean", "ridge_hest")},
                                  reference="seed_head", out_samples=root / "out" / "samples", out_maps=root / "out" / "maps",
@@ -244,7 +243,7 @@ def test_tables_and_per_sample_outputs(cohort):
     assert (a.obs["partition"] == "test").all()
     assert sorted(p.name for p in (root / "out" / "maps").iterdir()) == ["A1.png", "pred_vs_measured.png"]
     with pytest.raises(InputError, match="reference"):
-        write_spot_outputs(units=inp.units, splits=inp.splits, targets=inp.targets, predictions={},
+        write_spot_outputs(units=inp.units, folds=inp.folds, targets=inp.targets, predictions={},
                            reference="seed_head", out_samples=root / "o2", out_maps=root / "m2")
     assert not (root / "o2").exists()
 
@@ -293,3 +292,25 @@ def test_target_transforms():
     assert np.allclose(norm, np.log1p(counts / totals[:, None] * 100.0)) and norm.dtype == np.float32
     with pytest.raises(InputError, match="unknown transform"):
         transform_counts(counts, totals, "sqrt", 1.0)
+
+
+def test_streamed_training_and_predictions_by_sample(cohort):
+    """A buffer smaller than every partition: the head trains from chunk-shuffled reads (other batches than
+    the in-memory order, so other numbers), predicts every unit once, and writes one row group per sample."""
+    import pyarrow.parquet as pq
+
+    from morphomol.data.runs import read_sample_predictions
+
+    out = cohort["root"] / "streamed" / "linear"
+    streamed = run_spot_setting(cohort["settings"]["linear"], cohort["inputs"], out_metrics=out / "metrics.json",
+                                out_predictions=out / "predictions.parquet", training=cohort["cfg"].spots.training,
+                                seeds=[3], encoder="vit_s", threads=1, device="cpu", buffer_mb=0.005, chunk_rows=32)
+    assert all(np.isfinite(r["test_pearson"]) for r in streamed["runs"])
+    preds = pd.read_parquet(out / "predictions.parquet")
+    units = {s: ad.read_h5ad(p, backed="r").n_obs for s, p in cohort["inputs"].units.items()}
+    assert preds["tile_id"].nunique() == sum(units.values()) == len(preds) // 30  # 30 targets per fold
+    f = pq.ParquetFile(out / "predictions.parquet")
+    assert f.num_row_groups == len(SAMPLES)  # one per sample: a sample is read alone
+    one = read_sample_predictions(out / "predictions.parquet", "A2")
+    assert set(one["tile_id"].astype(str).str.rpartition("__")[0]) == {"A2"}
+    assert one["tile_id"].nunique() == units["A2"]

@@ -170,7 +170,8 @@ def test_outputs_and_checkpoint_reload(tmp_path):
     assert (m["fold"], m["kind"], m["n_test"], m["pretrained"]) == (2, "regression", 24, False)
     assert set(m["mean"]) == {"pearson", "spearman", "mse", "mae"}
     pred = pd.read_parquet(tmp_path / "predictions.parquet")
-    assert list(pred.columns) == ["tile_id", "gene", "y", "y_hat"] and len(pred) == 24 * 3
+    assert list(pred.columns) == ["tile_id", "gene", "y", "y_hat", "sample_id"] and len(pred) == 24 * 3
+    assert set(pred["sample_id"]) == {"synth"}  # one row group per sample (the in-memory tiles' one sample)
     meta = json.loads((tmp_path / "checkpoint.json").read_text())
     assert meta["setting"] == s.name and meta["addon_genes"] == data.addon_genes
     model = build_model(s, meta["n_core"], meta["n_targets"], typed(ModelConfig, meta["model"]))
@@ -292,7 +293,8 @@ def test_clip_training_reports_recall(tmp_path):
 
 
 def write_cohort(root: Path, n_per_sample: int = 40, samples=("S0", "S1", "S2", "S3"), chunk: int = 16) -> Path:
-    """A cohort on disk in the stage contracts: tiles.zarr, tokens.zarr (CSR), split + panel of fold 0."""
+    """A cohort on disk in the stage contracts: tiles.zarr, tokens.zarr (CSR), tiles.parquet (ids), the fold
+    table (fold 0) + panel of fold 0."""
     import zarr
 
     cdir = root / "results" / "synth"
@@ -324,10 +326,11 @@ def write_cohort(root: Path, n_per_sample: int = 40, samples=("S0", "S1", "S2", 
         t.create_array("count", data=np.concatenate(ct).astype(np.uint32))
         t.create_array("tile_counts", data=full_tc, chunks=(chunk, len(all_genes)))
         part = ["fit", "fit", "val", "test"][si % 4]
-        rows += [{"tile_id": f"{s}__{i:06d}", "sample_id": s, "patient_id": f"P{si}", "index": i, "partition": part}
-                 for i in range(n)]
+        pd.DataFrame({"tile_id": [f"{s}__{i:06d}" for i in range(n)], "index": np.arange(n)}).to_parquet(
+            d / "tiles.parquet")
+        rows.append({"fold": 0, "sample_id": s, "patient_id": f"P{si}", "n_units": n, "partition": part})
     (cdir / "splits").mkdir(parents=True)
-    pd.DataFrame(rows).to_parquet(cdir / "splits" / "fold0.parquet")
+    pd.DataFrame(rows).to_parquet(cdir / "splits" / "folds.parquet")
     (cdir / "panels").mkdir()
     (cdir / "panels" / "fold0.json").write_text(json.dumps(
         {"mode": "yaml", "core": [f"CORE{j}" for j in range(6)], "addon": ["ADD0", "ADD1"]}))
@@ -336,8 +339,9 @@ def write_cohort(root: Path, n_per_sample: int = 40, samples=("S0", "S1", "S2", 
 
 def fold_inputs(cdir: Path, with_images: bool = False) -> FoldInputs:
     samples = sorted(p.name for p in (cdir / "samples").iterdir())
-    return FoldInputs(split=cdir / "splits" / "fold0.parquet", panel=cdir / "panels" / "fold0.json",
+    return FoldInputs(folds=cdir / "splits" / "folds.parquet", fold=0, panel=cdir / "panels" / "fold0.json",
                       tokens={s: cdir / "samples" / s / "tokens.zarr" for s in samples},
+                      units={s: cdir / "samples" / s / "tiles.parquet" for s in samples},
                       tiles={s: cdir / "samples" / s / "tiles.zarr" for s in samples} if with_images else {})
 
 
@@ -432,3 +436,145 @@ def test_sigterm_to_a_training_process(tmp_path):
                         model_cfg=TINY)
     assert got["resumed"] and not ref["resumed"]
     assert got["per_gene"] == ref["per_gene"] and got["best_epoch"] == ref["best_epoch"]
+
+
+# ---------------------------------------------------------------- bounded memory: features per chunk, streamed mean
+
+
+def _write_feature_stores(cdir: Path, dim: int = 12) -> dict[str, Path]:
+    from morphomol.data.features import write_features
+    from morphomol.data.stores import SampleStore, StorePaths
+
+    out = {}
+    for i, d in enumerate(sorted((cdir / "samples").iterdir())):
+        n = SampleStore(StorePaths(d / "tokens.zarr")).n_tiles
+        feats = np.random.default_rng(50 + i).normal(size=(n, dim)).astype(np.float32)
+        out[d.name] = write_features(cdir / "features" / f"{d.name}.zarr", feats, encoder="vit_s", chunk_rows=24)
+    return out
+
+
+def test_cached_features_per_chunk_give_the_in_memory_results(tmp_path):
+    """A cached-feature setting on the stores: features read per chunk with their tiles give the very run
+    (same batches in the same order, same values: metrics and predictions equal) as the whole partition's
+    features gathered in memory (``feature_rows`` + ``WithFeatures``, the path of in-memory sources)."""
+    from morphomol.train.sources import WithFeatures
+
+    cdir = write_cohort(tmp_path)
+    paths = _write_feature_stores(cdir)
+    s = SETTINGS["late_add_vits_fz_mlp_tile"]
+    c = cfg(epochs=2, batch_size=16)
+    out = {}
+    for how in ("chunks", "memory"):
+        d = fold_from_stores(fold_inputs(cdir))
+        if how == "memory":  # not a StoreSplit: attach_features gathers the rows in memory
+            d = FoldData(*(WithFeatures(p, {}) for p in (d.fit, d.val, d.test)), d.core_genes, d.addon_genes)
+        d.feature_paths = {"vit_s": paths}
+        out[how] = train_setting(s, d, tmp_path / how, train_cfg=c, model_cfg=TINY)
+    a, b = out["chunks"], out["memory"]
+    assert a["features"] == b["features"] == {"vit_s": "cache"}
+    assert a["per_gene"] == b["per_gene"] and a["mean"] == b["mean"] and a["val_mse"] == b["val_mse"]
+    pa, pb = (pd.read_parquet(tmp_path / h / "predictions.parquet") for h in ("chunks", "memory"))
+    pd.testing.assert_frame_equal(pa, pb)
+
+
+@pytest.mark.parametrize("n_targets", [1, 2, 12])
+def test_streamed_target_mean_equals_the_gathered_mean(n_targets):
+    from morphomol.studies.fusion.data import target_mean
+    from morphomol.train.sources import gather
+
+    rng = np.random.default_rng(n_targets)
+    n = 9000  # > 2 gather batches of 4096
+    ds = InMemoryTiles([f"s__{i:06d}" for i in range(n)],
+                       target=np.log1p(rng.gamma(1.0, 3.0, size=(n, n_targets))).astype(np.float32))
+    want = gather(ds, ["target"])["target"].mean(axis=0)
+    got = target_mean(ds)
+    assert got.dtype == want.dtype == np.float32 and np.array_equal(got, want)
+
+
+def test_streamed_target_mean_on_the_stores(tmp_path):
+    from morphomol.studies.fusion.data import target_mean
+    from morphomol.train.sources import gather
+
+    data = fold_from_stores(fold_inputs(write_cohort(tmp_path)))
+    want = gather(data.fit, ["target"])["target"].mean(axis=0)
+    assert np.array_equal(target_mean(data.fit), want) and np.array_equal(target_mean(data.fit, batch_size=7), want)
+
+
+# ---------------------------------------------------------------- per-sample predictions: one row group per sample
+
+
+def test_predictions_by_sample_and_the_per_sample_reader(tmp_path):
+    """Runs write one row group per sample (column sample_id); the per-sample job reads only its sample's
+    rows, from such files through the filter and from files without the column (e.g. the ridge runs) by
+    tile id, and its AnnData is what the whole files give."""
+    import anndata as ad
+    import pyarrow.parquet as pq
+
+    from morphomol.data.runs import read_predictions, read_sample_predictions, write_predictions
+    from morphomol.data.units import write_units
+    from morphomol.export.predictions import predictions_anndata, write_sample_predictions
+
+    cdir = write_cohort(tmp_path, samples=("S0", "S1", "S2", "S3", "S4", "S5", "S6", "S7"))
+    folds = pd.read_parquet(cdir / "splits" / "folds.parquet")
+    # fold 1: the same samples, S2 / S6 test there instead of S3 / S7 (val: S1 / S5 stay)
+    f1 = folds.copy()
+    f1["fold"] = 1
+    f1["partition"] = f1["sample_id"].map({"S0": "fit", "S1": "val", "S2": "test", "S3": "fit", "S4": "fit",
+                                           "S5": "val", "S6": "test", "S7": "fit"})
+    pd.concat([folds, f1]).to_parquet(cdir / "splits" / "folds.parquet")
+    run = run_setting(SETTINGS["expr_mlp_token"], fold_inputs(cdir), RunOutputs.in_dir(tmp_path / "expr"), fold=0,
+                      training=cfg(epochs=1, batch_size=16), model=TINY, weights={}, runtime=RUNTIME)
+    assert run["n_test"] == 80
+    f = tmp_path / "expr" / "predictions.parquet"
+    pf = pq.ParquetFile(f)
+    groups = [pf.read_row_group(i, columns=["sample_id"]).column(0).unique().to_pylist()
+              for i in range(pf.num_row_groups)]
+    assert groups == [["S3"], ["S7"]]
+    whole = read_predictions([f])  # the whole-file reader reads the four columns of either layout
+    assert list(whole.columns) == ["tile_id", "gene", "y", "y_hat"] and len(whole) == 80 * 2
+    ids = whole["tile_id"].astype(str)
+    # the same rows without the sample column (a writer without sample_ids), read by tile id
+    plain = tmp_path / "plain.parquet"
+    write_predictions(plain, list(ids[::2]), ["ADD0", "ADD1"], whole["y"].to_numpy(), whole["y_hat"].to_numpy())
+    for name in (f, plain):
+        got = read_sample_predictions(name, "S7", batch_rows=13)
+        want = whole[ids.str.startswith("S7__")]
+        pd.testing.assert_frame_equal(got.astype({"tile_id": str, "gene": str}).reset_index(drop=True),
+                                      want.astype({"tile_id": str, "gene": str}).reset_index(drop=True))
+    # the rule's entry: S7 is test in fold 0; the fold-1 file is never read (it does not exist)
+    n = 40
+    units = write_units(tmp_path / "S7.h5ad", pd.DataFrame(index=[f"S7__{i:06d}" for i in range(n)]),
+                        np.zeros((n, 2)), ["ADD0", "ADD1"], spatial_um=np.zeros((n, 2)), unit="tile", sample="S7")
+    out = tmp_path / "samples" / "S7.h5ad"
+    res = write_sample_predictions(sample="S7", units=units, folds=cdir / "splits" / "folds.parquet",
+                                   predictions={"expr": [f, tmp_path / "missing.parquet"],
+                                                "plain": [plain, tmp_path / "missing.parquet"]}, out=out)
+    assert res["fold"] == 0 and res["units"] == n
+    a = ad.read_h5ad(out)
+    ref = predictions_anndata(ad.read_h5ad(units), {"expr": whole, "plain": read_predictions([plain])}, fold=0,
+                              partitions={0: "test", 1: "fit"})
+    for k in ("measured", "pred_expr", "pred_plain"):
+        np.testing.assert_array_equal(a.layers[k], ref.layers[k])
+    assert np.isfinite(a.layers["pred_expr"]).all() and (a.obs["partition"] == "test").all()
+    assert (a.obs["partition_fold1"] == "fit").all()
+    with pytest.raises(InputError, match="test in no fold"):
+        write_sample_predictions(sample="S1", units=units, folds=cdir / "splits" / "folds.parquet",
+                                 predictions={"expr": [f, f]}, out=tmp_path / "x.h5ad")
+
+
+def test_sample_layers_equal_the_pivot_of_the_long_table():
+    """The per-sample layers (direct indexing) are the long table's pivot (first non-null value of a unit x
+    gene, NaN where none), units and genes reindexed, as the AnnData was built before."""
+    from morphomol.export.predictions import _wide
+
+    rng = np.random.default_rng(0)
+    ids = [f"S1__{i:06d}" for i in range(30)]
+    genes = ["B", "A", "C"]
+    df = pd.DataFrame({"tile_id": np.repeat(ids[4:] + ["S2__000000"], 3), "gene": genes * 27,
+                       "y_hat": rng.normal(size=81).astype(np.float32)})
+    df = pd.concat([df, df.iloc[:5].assign(y_hat=np.float32(9))], ignore_index=True)
+    df.loc[[0, 7], "y_hat"] = np.nan
+    want = (df.pivot_table(index="tile_id", columns="gene", values="y_hat", aggfunc="first", observed=True)
+            .reindex(index=ids, columns=genes).to_numpy(np.float32))
+    got = _wide(df, {t: i for i, t in enumerate(ids)}, genes, "y_hat")
+    np.testing.assert_array_equal(got, want)

@@ -75,8 +75,9 @@ def test_train_rule_declares_exactly_what_the_run_reads():
     cpu = out.split("rule fusion_train_cpu:", 1)[1].split("\n\n", 1)[0].split("output:", 1)[0]
     gpu = out.split("rule fusion_train:", 1)[1].split("\n\n", 1)[0].split("output:", 1)[0]
     for block in (cpu, gpu):
-        assert "splits/fold1.parquet" in block and "fusion/panels/fold1.json" in block
-        assert "samples/S06/tokens.zarr" in block
+        assert "splits/folds.parquet" in block and "fusion/panels/fold1.json" in block
+        assert "samples/S06/tokens.zarr" in block  # the units: the token store's rows
+        assert "tiles.parquet" not in block and "units.h5ad" not in block
         assert "targets.parquet" not in block
     assert "images.zarr" not in cpu  # counts-only settings never read images
     assert "samples/S06/images.zarr" in gpu

@@ -16,7 +16,7 @@ Layout::
         tokens.zarr                                 transcripts pooled per ViT token (fusion)
         units.h5ad                                  unit table: obs = units, obsm['spatial'] µm, X = counts
     results/{cohort}/features/{encoder}/{sample}.zarr   frozen features, rows = units
-    results/{cohort}/splits/fold{k}.parquet             patient-grouped folds of the cohort's units
+    results/{cohort}/splits/folds.parquet               patient-grouped folds of the cohort (rows: fold x sample)
     results/{cohort}/{study}/...                        a study's own outputs (runs, tables, figures)
     results/{cohort}/{study}/samples/{sample}.h5ad      per-sample predictions (AnnData layers)
     results/{cohort}/export/{kind}/{sample}.*           `morphomol export` (SpatialData, QuPath, Explorer, h5)
@@ -79,8 +79,9 @@ class WorkflowPaths:
     def features(self, cohort: str = W["cohort"], encoder: str = W["encoder"], sample: str = W["sample"]) -> str:
         return f"{self.root}/{cohort}/features/{encoder}/{sample}.zarr"
 
-    def split(self, cohort: str = W["cohort"], fold: int | str = W["fold"]) -> str:
-        return f"{self.root}/{cohort}/splits/fold{fold}.parquet"
+    def folds(self, cohort: str = W["cohort"]) -> str:
+        """Every fold of the cohort, one row per (fold, sample) (``morphomol.splits``)."""
+        return f"{self.root}/{cohort}/splits/folds.parquet"
 
     # ---------------------------------------------------------------- per study
     def study_dir(self, study: str, cohort: str = W["cohort"]) -> str:
@@ -159,6 +160,10 @@ class WorkflowPaths:
         """The tiny Gemma-3 built locally for a demo / test cohort (``cells.model.tiny``)."""
         return f"{self.study_dir('cells', cohort)}/base_model"
 
+    def cells_folds(self, cohort: str = W["cohort"]) -> str:
+        """``folds/folds.parquet``: the donor-level assignment of every fold (fold, patient_id, partition, n_cells)."""
+        return f"{self.study_dir('cells', cohort)}/folds/folds.parquet"
+
     def cells_fold(self, ext: str, cohort: str = W["cohort"], fold: int | str = W["fold"]) -> str:
         """``folds/fold{k}.parquet`` (donor-grouped split + cell sentences) or ``.json`` (HVGs, labels, counts)."""
         return f"{self.study_dir('cells', cohort)}/folds/fold{fold}.{ext}"
@@ -179,6 +184,14 @@ class WorkflowPaths:
     def slides_genesets(self, name: str, cohort: str = W["cohort"]) -> str:
         """``genesets/scores.parquet`` (ssGSEA), ``genesets/sets.json``, ``genesets/coverage.tsv``."""
         return f"{self.study_dir('slides', cohort)}/genesets/{name}"
+
+    def slides_embeddings(self, cohort: str = W["cohort"], group: str = "{group}") -> str:
+        """One group's per-slide embeddings (rule ``slides_embed``): a directory of ``{sample}.zarr``."""
+        return f"{self.study_dir('slides', cohort)}/embeddings/{group}"
+
+    def slides_embedding(self, cohort: str, group: str, sample: str) -> str:
+        """The embedding of one slide (mean tile vector, seeded bag, tile index) inside its group's directory."""
+        return f"{self.slides_embeddings(cohort, group)}/{sample}.zarr"
 
     def slides_transfer(self, cohort: str = W["cohort"], target: str = "{target}") -> str:
         """Leave-one-cohort-out transfer + few-shot results with ``target`` held out."""

@@ -1,16 +1,21 @@
 """Core / add-on gene panels per fold: from the cohort's panel YAML, or HVG targets.
 
-HVG mode (``panels.mode: hvg``): Seurat v3 highly variable genes (``flavor="seurat_v3"``,
-``batch_key="sample"``, ``n_top_genes=n_hvg_targets``) computed on the fold's *fit* tiles
-only (tile x gene counts from counts.h5ad); targets (add-on) = the HVGs, core = every other
-gene measured in all samples. scanpy's implementation is used when its optional
-dependency ``scikit-misc`` (loess) is installed; otherwise the same algorithm runs here
-with an exact local-quadratic loess (span 0.3, tricube weights).
+HVG mode (``panels.mode: hvg``): Seurat v3 highly variable genes (scanpy's ``flavor="seurat_v3"``,
+``batch_key="sample"``, ``n_top_genes=n_hvg_targets``) computed on the fold's *fit* tiles only (every
+tile of the fold's fit samples: partitions are per sample, ``splits/folds.parquet``); targets (add-on) =
+the HVGs, core = every other gene measured in all samples.
+
+The rule's computation is streamed (:func:`seurat_v3_streamed`): per sample (scanpy's batch), the unit
+table's counts are read in row chunks (backed CSR) twice — per-gene sums and sums of squares (mean,
+variance), the loess fit of log variance on log mean, then the sums of the clipped counts — so a job
+holds one chunk and O(genes) per sample (the per-sample ranks: samples x genes), never the tiles. The
+result equals scanpy's (same formulas on exact float64 sums of integer counts; tested). The loess is
+scikit-misc's (scanpy's) when installed, otherwise an exact local-quadratic loess (span 0.3, tricube).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +23,8 @@ import numpy as np
 import pandas as pd
 
 from morphomol.config.sections import PanelsConfig
-from morphomol.util.jsonio import write_json
 from morphomol.errors import InputError
+from morphomol.util.jsonio import write_json
 from morphomol.util.logs import get_logger
 
 log = get_logger("panels")
@@ -78,8 +83,8 @@ def hvg_seurat_v3(adata: Any, n_top: int, batch_key: str = "sample") -> list[str
     """Top ``n_top`` genes by Seurat v3 (scanpy's ranking: median within-batch rank, then
     number of batches where the gene is highly variable)."""
     try:
-        import skmisc.loess  # noqa: F401
         import scanpy as sc
+        import skmisc.loess  # noqa: F401
 
         df = sc.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=n_top, batch_key=batch_key,
                                          inplace=False)
@@ -103,6 +108,132 @@ def hvg_seurat_v3(adata: Any, n_top: int, batch_key: str = "sample") -> list[str
     return list(df.index[:n_top])
 
 
+def _loess_log(mean: np.ndarray, var: np.ndarray, span: float = 0.3) -> np.ndarray:
+    """Fitted log10 variance of the non-constant genes (scanpy: ``skmisc.loess(x, y, span, degree=2)``)."""
+    x, y = np.log10(mean), np.log10(var)
+    try:
+        from skmisc.loess import loess
+    except ImportError:
+        return loess_fit(x, y, span)
+    model = loess(x, y, span=span, degree=2)
+    model.fit()
+    return np.asarray(model.outputs.fitted_values, np.float64)
+
+
+def _csr(X: Any) -> Any:
+    import scipy.sparse as sp
+
+    return X.tocsr() if sp.issparse(X) else sp.csr_matrix(np.asarray(X))
+
+
+def seurat_v3_batch(chunks: Callable[[], Iterable[Any]], n_genes: int, span: float = 0.3) -> np.ndarray:
+    """Seurat v3 normalised variance of every gene of one batch (a sample's fit tiles), from two passes
+    over its count chunks (``chunks()`` yields (rows, n_genes) CSR or dense blocks, the same each time).
+    Memory: one chunk + O(genes). Same formulas as scanpy's ``_highly_variable_genes_seurat_v3``."""
+    G = int(n_genes)
+    s1 = np.zeros(G)
+    s2 = np.zeros(G)
+    n = 0
+    for X in chunks():
+        X = _csr(X)
+        d = X.data.astype(np.float64)
+        n += X.shape[0]
+        s1 += np.bincount(X.indices, weights=d, minlength=G)
+        s2 += np.bincount(X.indices, weights=d * d, minlength=G)
+    mean = s1 / n
+    var = s2 / n - mean ** 2
+    if n != 1:
+        var *= n / (n - 1)
+    not_const = var > 0
+    estimat_var = np.zeros(G, dtype=np.float64)
+    if not_const.any():
+        estimat_var[not_const] = _loess_log(mean[not_const], var[not_const], span)
+    reg_std = np.sqrt(10 ** estimat_var)
+    clip_val = reg_std * np.sqrt(n) + mean
+    c1 = np.zeros(G)
+    c2 = np.zeros(G)
+    for X in chunks():
+        X = _csr(X)
+        el = np.minimum(X.data.astype(np.float64), clip_val[X.indices])
+        c1 += np.bincount(X.indices, weights=el, minlength=G)
+        c2 += np.bincount(X.indices, weights=el * el, minlength=G)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (1 / ((n - 1) * np.square(reg_std))) * ((n * np.square(mean)) + c2 - 2 * c1 * mean)
+
+
+def seurat_v3_streamed(batches: Mapping[str, Callable[[], Iterable[Any]]], genes: Sequence[str], n_top: int,
+                       span: float = 0.3) -> list[str]:
+    """Top ``n_top`` genes by Seurat v3 over ``batches`` (batch -> its count chunks, columns = ``genes``):
+    scanpy's ranking (median within-batch rank among the batch's top genes, then the number of batches
+    where the gene is highly variable; ties in gene order), returned in ``genes`` order."""
+    norm = np.stack([seurat_v3_batch(batches[b], len(genes), span) for b in sorted(batches)])
+    ranked = np.argsort(np.argsort(-norm, axis=1), axis=1).astype(np.float32)
+    nb = np.sum((ranked < n_top).astype(int), axis=0)
+    ranked[ranked >= n_top] = np.nan
+    med = np.ma.median(np.ma.masked_invalid(ranked), axis=0).filled(np.nan)
+    df = pd.DataFrame({"highly_variable_nbatches": nb, "highly_variable_rank": med}, index=pd.Index(list(genes)))
+    cols = ["highly_variable_rank", "highly_variable_nbatches"]
+    top = df[cols].sort_values(cols, ascending=[True, False], na_position="last").index[: int(n_top)]
+    chosen = set(top)
+    return [g for g in genes if g in chosen]
+
+
+def unit_chunks(path: str | Path, genes: Sequence[str], chunk_rows: int = 16384) -> Callable[[], Iterable[Any]]:
+    """A re-iterable source of one unit table's counts in row chunks (backed: one chunk in memory), columns
+    = ``genes`` (in that order)."""
+    from morphomol.data.units import read_units
+
+    def gen() -> Iterable[Any]:
+        a = read_units(path, backed=True)
+        try:
+            pos = {g: i for i, g in enumerate(map(str, a.var_names))}
+            cols = np.array([pos[g] for g in genes], np.int64)
+            for i0 in range(0, a.n_obs, int(chunk_rows)):
+                X = _csr(a.X[i0:min(a.n_obs, i0 + int(chunk_rows))])
+                yield X[:, cols]
+        finally:
+            a.file.close()
+
+    return gen
+
+
+def unit_genes(path: str | Path) -> list[str]:
+    """The genes (var names) of a unit table, without reading its counts."""
+    from morphomol.data.units import read_units
+
+    a = read_units(path, backed=True)
+    try:
+        return [str(g) for g in a.var_names]
+    finally:
+        a.file.close()
+
+
+def common_genes(gene_lists: Iterable[Sequence[str]]) -> list[str]:
+    common: list[str] | None = None
+    for genes in gene_lists:
+        have = set(genes)
+        common = list(genes) if common is None else [g for g in common if g in have]
+    if not common:
+        raise InputError("no gene is measured in every sample", field="panels.mode")
+    return common
+
+
+def hvg_units(units: Mapping[str, str | Path], fit_samples: Sequence[str], n_targets: int,
+              chunk_rows: int = 16384) -> dict[str, Any]:
+    """HVG panel of a fold from the unit tables (sample -> units.h5ad): seurat_v3 on every tile of the fit
+    samples, streamed (:func:`seurat_v3_streamed`); core = the other genes measured in every sample."""
+    common = common_genes(unit_genes(p) for p in units.values())
+    fit = [s for s in units if s in set(map(str, fit_samples))]
+    if not fit:
+        raise InputError("no fit tiles for HVG selection", field="splits")
+    n = int(n_targets)
+    if n >= len(common):
+        raise InputError(f"n_hvg_targets={n} but only {len(common)} genes are measured in every sample",
+                         field="panels.n_hvg_targets", expected=f"fewer than {len(common)}")
+    hv = set(seurat_v3_streamed({s: unit_chunks(units[s], common, chunk_rows) for s in fit}, common, n))
+    return {"mode": "hvg", "core": [g for g in common if g not in hv], "addon": [g for g in common if g in hv]}
+
+
 def yaml_panel(panel: dict[str, Any], sample_genes: dict[str, Sequence[str]]) -> dict[str, Any]:
     """Panel from the cohort YAML; InputError if a sample lacks a panel gene."""
     core, addon = list(panel.get("core") or []), list(panel.get("addon") or [])
@@ -122,60 +253,47 @@ def yaml_panel(panel: dict[str, Any], sample_genes: dict[str, Sequence[str]]) ->
 
 
 def hvg_panel(counts: dict[str, Any], fit_ids: Sequence[str], n_targets: int) -> dict[str, Any]:
-    """counts: sample -> AnnData (tiles x genes). HVGs on the fit tiles; core = the other common genes."""
-    import anndata as ad
-
-    common = None
-    for a in counts.values():
-        common = list(a.var_names) if common is None else [g for g in common if g in set(a.var_names)]
-    if not common:
-        raise InputError("no gene is measured in every sample", field="panels.mode")
+    """counts: sample -> AnnData (tiles x genes), in memory. HVGs on the fit tiles (``fit_ids``), the same
+    streamed computation as the rule's; core = the other common genes."""
+    common = common_genes([list(map(str, a.var_names)) for a in counts.values()])
     fit = set(map(str, fit_ids))
-    parts = []
+    batches: dict[str, Callable[[], Iterable[Any]]] = {}
     for s, a in counts.items():
         sel = np.array([t in fit for t in a.obs_names.astype(str)])
         if sel.any():
-            sub = a[sel, common].to_memory() if getattr(a, "isbacked", False) else a[sel, common].copy()
-            sub.obs = pd.DataFrame({"sample": s}, index=sub.obs_names)
-            parts.append(sub)
-    if not parts:
+            pos = {g: i for i, g in enumerate(map(str, a.var_names))}
+            X = _csr(a.X[np.flatnonzero(sel)])[:, [pos[g] for g in common]]
+            batches[str(s)] = lambda X=X: iter([X])
+    if not batches:
         raise InputError("no fit tiles for HVG selection", field="splits")
-    adata = ad.concat(parts, axis=0)
-    adata.obs["sample"] = adata.obs["sample"].astype("category")
     n = int(n_targets)
     if n >= len(common):
         raise InputError(f"n_hvg_targets={n} but only {len(common)} genes are measured in every sample",
                          field="panels.n_hvg_targets", expected=f"fewer than {len(common)}")
-    hv = hvg_seurat_v3(adata, n, "sample")
-    hvs = set(hv)
+    hvs = set(seurat_v3_streamed(batches, common, n))
     addon = [g for g in common if g in hvs]
     core = [g for g in common if g not in hvs]
     return {"mode": "hvg", "core": core, "addon": addon}
 
 
-def panel_fold(*, split: str | Path, units: Mapping[str, str | Path], panel: Mapping[str, Any], out: str | Path,
-               cfg: PanelsConfig) -> dict[str, Any]:
+def panel_fold(*, folds: str | Path, fold: int, units: Mapping[str, str | Path], panel: Mapping[str, Any],
+               out: str | Path, cfg: PanelsConfig, chunk_rows: int = 16384) -> dict[str, Any]:
     """Rule entry: a fold's core / add-on genes -> ``panels/fold{k}.json``.
 
-    ``units``: sample -> unit table (units.h5ad; X = counts of every gene). YAML mode checks every
-    sample measures every panel gene; HVG mode picks seurat_v3 HVGs on the fold's fit units.
+    ``folds``: the cohort's fold table (``splits/folds.parquet``); ``units``: sample -> unit table
+    (units.h5ad; X = counts of every gene). YAML mode checks every sample measures every panel gene (gene
+    names only); HVG mode picks seurat_v3 HVGs on the fold's fit tiles, streamed in ``chunk_rows`` chunks.
     """
-    import anndata as ad
-
     mode = "hvg" if panel.get("mode") == "hvg" else cfg.mode
     if mode == "hvg":
-        sp = pd.read_parquet(split, columns=["tile_id", "partition"])
-        fit_ids = sp.loc[sp["partition"] == "fit", "tile_id"].tolist()
-        adatas = {s: ad.read_h5ad(p) for s, p in units.items()}
+        from morphomol.data.folds import sample_partitions
+
+        parts = sample_partitions(folds, int(fold))
+        fit = [s for s in units if parts.get(str(s)) == "fit"]
         n = int(panel.get("n_targets") or cfg.n_hvg_targets)
-        res = hvg_panel(adatas, fit_ids, n)
+        res = hvg_units(units, fit, n, chunk_rows=chunk_rows)
     else:
-        genes = {}
-        for s, p in units.items():
-            a = ad.read_h5ad(p, backed="r")
-            genes[s] = list(a.var_names)
-            a.file.close()
-        res = yaml_panel(dict(panel), genes)
+        res = yaml_panel(dict(panel), {s: unit_genes(p) for s, p in units.items()})
     log.info("panel %s: %d core, %d addon genes", res["mode"], len(res["core"]), len(res["addon"]))
     write_json(out, res, indent=1)
     return res

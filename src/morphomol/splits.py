@@ -1,16 +1,19 @@
-"""Patient-grouped outer folds and grouped inner validation splits of a cohort's units.
+"""Patient-grouped outer folds and grouped inner validation splits of a cohort, at sample level.
 
-Outer: ``GroupKFold(n_folds)`` on ``patient_id`` (unit-weighted balancing, deterministic), so every
-unit is ``test`` in exactly one fold and no patient is in two partitions. Fewer patients than folds
-is an InputError (``morphomol check-config`` reports it before any job): folds are never grouped by
-anything finer than the patient.
+One job per cohort (rule ``splits``) writes every fold at once into ``splits/folds.parquet``: one row per
+(fold, sample) — ``fold, sample_id, patient_id, n_units, partition`` — so its size is folds x samples,
+never the cohort's units. Every unit of a sample shares the sample's partition (a sample belongs to one
+patient, and validation is grouped by patient or by sample); jobs that need unit rows expand a fold over
+the unit ids of their own inputs (:func:`morphomol.data.folds.unit_split`).
+
+Outer: patients in ``n_folds`` test folds, unit-weighted (the largest patient goes to the lightest fold, as
+scikit-learn's ``GroupKFold`` does over unit rows), so every sample is ``test`` in exactly one fold and no
+patient is in two partitions. Fewer patients than folds is an InputError (``morphomol check-config``
+reports it before any job): folds are never grouped by anything finer than the patient.
 
 Inner: ``val_fraction`` of the fold's training *patients* (at least one, and at least one left for
 fitting) chosen with ``seed + fold``; grouped by patient when the training part has >= 2 patients,
 else by sample. The same assertions run in code on every fold.
-
-Units come from the samples' unit tables (``units.h5ad``: obs index = unit ids, column ``index`` =
-row in the sample's stores).
 """
 
 from __future__ import annotations
@@ -22,23 +25,30 @@ import numpy as np
 import pandas as pd
 
 from morphomol.config.sections import SplitsConfig
-from morphomol.util.atomic import atomic_path
 from morphomol.errors import InputError
+from morphomol.util.atomic import atomic_path
 from morphomol.util.logs import get_logger
 
 log = get_logger("splits")
 
 PARTITIONS = ("fit", "val", "test")
+FOLDS_COLUMNS = ("fold", "sample_id", "patient_id", "n_units", "partition")
 
 
-def _group_kfold(groups: np.ndarray, n_folds: int) -> np.ndarray:
-    """Fold index (0..n_folds-1) of the test part for every row."""
-    from sklearn.model_selection import GroupKFold
-
-    fold = np.full(len(groups), -1, np.int64)
-    for k, (_tr, te) in enumerate(GroupKFold(n_splits=n_folds).split(np.zeros(len(groups)), groups=groups)):
-        fold[te] = k
-    return fold
+def group_kfold(groups: Sequence[str], weights: Sequence[int], n_folds: int) -> dict[str, int]:
+    """Test fold of every group: ``GroupKFold(n_folds)`` (non-shuffled) over groups with these unit counts —
+    the largest group goes to the lightest fold — computed on the groups, not on one row per unit."""
+    uniq = np.unique(np.asarray([str(g) for g in groups], dtype=object))
+    w = pd.Series(np.asarray(weights, np.int64), index=[str(g) for g in groups]).groupby(level=0).sum()
+    n_per_group = w.reindex(uniq).to_numpy(np.int64)
+    order = np.argsort(n_per_group, kind="stable")[::-1]
+    per_fold = np.zeros(n_folds)
+    fold = np.zeros(len(uniq), np.int64)
+    for gi in order:
+        lightest = int(np.argmin(per_fold))
+        per_fold[lightest] += n_per_group[gi]
+        fold[gi] = lightest
+    return {str(g): int(k) for g, k in zip(uniq, fold, strict=True)}
 
 
 def _choose_val(groups: Sequence[str], frac: float, rng: np.random.Generator) -> set[str]:
@@ -48,28 +58,35 @@ def _choose_val(groups: Sequence[str], frac: float, rng: np.random.Generator) ->
     return set(rng.permutation(np.array(uniq, dtype=object))[:n_val].tolist())
 
 
-def make_splits(tiles: pd.DataFrame, n_folds: int = 4, val_fraction: float = 0.25, seed: int = 0
-                ) -> tuple[list[pd.DataFrame], str]:
-    """tiles: columns tile_id, sample_id, patient_id, index. Returns (per-fold tables, outer grouping key)."""
-    for col in ("tile_id", "sample_id", "patient_id", "index"):
-        if col not in tiles.columns:
+def sample_table(samples: Sequence[str], patients: Sequence[str], n_units: Sequence[int]) -> pd.DataFrame:
+    """``sample_id, patient_id, n_units`` (validated: unique samples, one patient per sample)."""
+    t = pd.DataFrame({"sample_id": [str(s) for s in samples], "patient_id": [str(p) for p in patients],
+                      "n_units": np.asarray(n_units, np.int64)})
+    if t["sample_id"].duplicated().any():
+        raise InputError(f"duplicate sample_id {t['sample_id'][t['sample_id'].duplicated()].iloc[0]}",
+                         field="sample_id", expected="unique sample ids")
+    return t
+
+
+def make_folds(samples: pd.DataFrame, n_folds: int = 4, val_fraction: float = 0.25, seed: int = 0) -> pd.DataFrame:
+    """samples: ``sample_id, patient_id, n_units`` (one row per sample). Returns the long fold table
+    (``FOLDS_COLUMNS``, folds in order, samples in the given order within each fold)."""
+    for col in ("sample_id", "patient_id", "n_units"):
+        if col not in samples.columns:
             raise InputError(f"splits input lacks column {col!r}", field=col)
-    t = tiles[["tile_id", "sample_id", "patient_id", "index"]].reset_index(drop=True).copy()
+    t = samples[["sample_id", "patient_id", "n_units"]].reset_index(drop=True).copy()
     t["sample_id"] = t["sample_id"].astype(str)
     t["patient_id"] = t["patient_id"].astype(str)
-    if t["tile_id"].duplicated().any():
-        raise InputError(f"duplicate tile_id {t['tile_id'][t['tile_id'].duplicated()].iloc[0]}", field="tile_id")
-    # one patient per sample
-    per_sample = t.groupby("sample_id")["patient_id"].nunique()
-    if (per_sample > 1).any():
-        s = per_sample.index[per_sample > 1][0]
-        raise InputError(f"sample {s} has tiles from several patients", field="patient_id")
+    t["n_units"] = t["n_units"].astype(np.int64)
+    if t["sample_id"].duplicated().any():
+        raise InputError(f"duplicate sample_id {t['sample_id'][t['sample_id'].duplicated()].iloc[0]}",
+                         field="sample_id")
     n_pat = t["patient_id"].nunique()
     if n_pat < n_folds:
         raise InputError(f"{n_pat} patient(s) cannot make {n_folds} patient-grouped folds", field="splits.n_folds",
                          expected=f"at most {n_pat} folds")
-    key = "patient_id"
-    test_fold = _group_kfold(t[key].to_numpy(), n_folds)
+    fold_of = group_kfold(t["patient_id"].tolist(), t["n_units"].tolist(), n_folds)
+    test_fold = t["patient_id"].map(fold_of).to_numpy(np.int64)
     out = []
     for k in range(n_folds):
         rng = np.random.default_rng([int(seed), k])
@@ -84,17 +101,20 @@ def make_splits(tiles: pd.DataFrame, n_folds: int = 4, val_fraction: float = 0.2
         val_groups = _choose_val(train[inner_key].tolist(), val_fraction, rng)
         part = np.where(is_test, "test", np.where(t[inner_key].isin(val_groups), "val", "fit"))
         f = t.copy()
+        f.insert(0, "fold", k)
         f["partition"] = part
-        check_fold(f, key, inner_key)
+        check_fold(f, "patient_id", inner_key)
         out.append(f)
-        log.info("fold %d: %s", k, {p: int((part == p).sum()) for p in PARTITIONS})
-    check_folds(out)
-    return out, key
+        log.info("fold %d: %s", k, {p: int(t["n_units"][part == p].sum()) for p in PARTITIONS})
+    folds = pd.concat(out, ignore_index=True)[list(FOLDS_COLUMNS)]
+    check_folds(folds)
+    return folds
 
 
 def check_fold(f: pd.DataFrame, outer_key: str = "patient_id", inner_key: str = "patient_id") -> None:
     """Raise unless: no sample spans two partitions; with patient-grouped outer folds no
-    patient spans two partitions; with patient-grouped validation no patient is in fit and val."""
+    patient spans two partitions; with patient-grouped validation no patient is in fit and val.
+    ``f``: one fold, rows = samples or units (columns ``sample_id, patient_id, partition``)."""
 
     def _disjoint(df: pd.DataFrame, key: str, what: str) -> None:
         n = df.groupby(key)["partition"].nunique()
@@ -112,47 +132,30 @@ def check_fold(f: pd.DataFrame, outer_key: str = "patient_id", inner_key: str = 
             raise AssertionError(f"partition {p} is empty")
 
 
-def check_folds(folds: Sequence[pd.DataFrame]) -> None:
-    """Raise unless every tile is test in exactly one fold and all folds list the same tiles."""
-    ids = folds[0]["tile_id"].to_numpy()
-    n_test = np.zeros(len(ids), np.int64)
-    for f in folds:
-        if not np.array_equal(f["tile_id"].to_numpy(), ids):
-            raise AssertionError("folds list different tiles")
-        n_test += (f["partition"] == "test").to_numpy()
+def check_folds(folds: pd.DataFrame) -> None:
+    """Raise unless every fold lists the same samples and every sample is test in exactly one fold."""
+    per_fold = [g["sample_id"].to_numpy() for _, g in folds.groupby("fold", sort=True)]
+    ids = per_fold[0]
+    for got in per_fold[1:]:
+        if not np.array_equal(got, ids):
+            raise AssertionError("folds list different samples")
+    n_test = folds[folds["partition"] == "test"].groupby("sample_id").size().reindex(ids, fill_value=0)
     if not (n_test == 1).all():
-        raise AssertionError(f"tile {ids[np.flatnonzero(n_test != 1)[0]]} is test in {n_test[n_test != 1][0]} folds")
+        bad = n_test[n_test != 1]
+        raise AssertionError(f"sample {bad.index[0]} is test in {int(bad.iloc[0])} folds")
 
 
-def collect_units(units: Sequence[str | Path], sample_ids: Sequence[str], patient_ids: Sequence[str]) -> pd.DataFrame:
-    """``tile_id, sample_id, patient_id, index`` of every unit of the given unit tables (in order)."""
-    import anndata as ad
+def write_folds(*, units: Sequence[str | Path], samples: Sequence[str], patients: Sequence[str], out: str | Path,
+                cfg: SplitsConfig, seed: int = 0) -> pd.DataFrame:
+    """Rule entry: every fold of the cohort into ``out`` (``splits/folds.parquet``). Reads only the number of
+    units of each unit table (their obs index length), never the units themselves."""
+    from morphomol.data.units import count_units
 
-    parts = []
-    for path, s, p in zip(units, sample_ids, patient_ids, strict=True):
-        a = ad.read_h5ad(path, backed="r")
-        try:
-            obs = a.obs
-            index = obs["index"].to_numpy(np.int64) if "index" in obs.columns else np.arange(len(obs), dtype=np.int64)
-            df = pd.DataFrame({"tile_id": obs.index.astype(str).to_numpy(), "index": index})
-        finally:
-            a.file.close()
-        df.insert(1, "sample_id", str(s))
-        df.insert(2, "patient_id", str(p))
-        parts.append(df)
-    return pd.concat(parts, ignore_index=True)
-
-
-def split_fold(*, units: Sequence[str | Path], samples: Sequence[str], patients: Sequence[str], fold: int,
-               out: str | Path, cfg: SplitsConfig, seed: int = 0) -> pd.DataFrame:
-    """Rule entry: write ``out`` = splits/fold{fold}.parquet. All folds are computed every time (cheap
-    and deterministic), so one job per fold gives identical folds."""
-    if not 0 <= int(fold) < cfg.n_folds:
-        raise InputError(f"fold {fold} out of range (n_folds={cfg.n_folds})", field="splits.n_folds")
-    t = collect_units(units, samples, patients)
-    all_folds, key = make_splits(t, cfg.n_folds, cfg.val_fraction, seed)
-    log.info("%d units, %d samples, %d patients; outer folds grouped by %s", len(t), t["sample_id"].nunique(),
-             t["patient_id"].nunique(), key)
+    n_units = [count_units(u) for u in units]
+    t = sample_table(samples, patients, n_units)
+    folds = make_folds(t, cfg.n_folds, cfg.val_fraction, seed)
+    log.info("%d units, %d samples, %d patients; %d folds grouped by patient_id", int(t["n_units"].sum()), len(t),
+             t["patient_id"].nunique(), cfg.n_folds)
     with atomic_path(out) as tmp:
-        all_folds[int(fold)].to_parquet(tmp, index=False)
-    return all_folds[int(fold)]
+        folds.to_parquet(tmp, index=False)
+    return folds

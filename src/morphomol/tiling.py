@@ -36,6 +36,12 @@ from morphomol.util.numba import njit_kernels, numba_module
 
 log = get_logger("tiling")
 
+
+def tile_ids(sample: str, n: int) -> list[str]:
+    """Unit ids of a sample's ``n`` kept tiles, row ``i`` -> ``{sample}__{i:06d}`` (the contract of every
+    tile store: ``tiles.parquet``, ``images.zarr``, ``tokens.zarr``, ``units.h5ad`` rows)."""
+    return [f"{sample}__{i:06d}" for i in range(int(n))]
+
 #: Compression of ``tiles.zarr/images`` (see benchmarks/bench_tiling.py for the measurement).
 DEFAULT_IMAGE_CODEC = "lz4"
 
@@ -308,7 +314,7 @@ def plan_tiles(
     n = len(ii)
     idx = np.arange(n)
     return pd.DataFrame({
-        "tile_id": [f"{sample}__{i:06d}" for i in idx],
+        "tile_id": tile_ids(sample, n),
         "index": idx.astype(np.int64),
         "x_px": x0.astype(np.float64), "y_px": y0.astype(np.float64),
         "size_px": np.full(n, grid.size_px),

@@ -7,12 +7,17 @@
 #   cells_units       results/{cohort}/samples/{sample}/units.h5ad  cells x genes counts, labels, donors
 #   cells_patches     results/{cohort}/samples/{sample}/images.zarr one H&E patch per cell (samples with an H&E)
 #   cells_base_model  results/{cohort}/cells/base_model/            tiny Gemma-3 (cohorts with model.tiny)
-#   cells_fold        results/{cohort}/cells/folds/fold{k}.{parquet,json}   donor-grouped split, HVGs, sentences
+#   cells_split       results/{cohort}/cells/folds/folds.parquet    donor-grouped folds (donor level, once per cohort)
+#   cells_fold        results/{cohort}/cells/folds/fold{k}.{parquet,json}   the fold's HVGs and sentences (streamed)
 #   cells_train       results/{cohort}/cells/runs/llm/fold{k}/      LoRA adapter, train metrics, step log (GPU)
 #   cells_eval        results/{cohort}/cells/runs/{llm,untuned}/fold{k}/   both decoding modes (GPU)
 #   cells_baselines   results/{cohort}/cells/runs/baselines/fold{k}/  majority, logreg, kNN, null, image
 #   cells_tables      results/{cohort}/cells/tables/                 seed table, ladder, modality matrix, ...
 #   cells_plots       results/{cohort}/cells/tables/plots/           confusion, per-class F1, loss curves
+#
+# Memory of the cohort-wide jobs is bounded by a row block of the unit tables plus O(genes) (cells_fold), the fit
+# cells' sparse HVG matrix plus a bounded kNN / image reference (cells_baselines), or a few bytes per cell
+# (cells_split): their mem_mb / runtime grow with the unit tables' size (factors from benchmarks/scale/cells.py).
 #
 # Training is preemption-safe (SIGTERM / SIGUSR1 -> runs/llm/fold{k}/resume.pt, exit 143; the retried job
 # resumes onto identical inputs). `cells.train.gpus: N` > 1 runs one job on N GPUs (torchrun, data parallel).
@@ -163,8 +168,31 @@ rule cells_base_model:
         "../../scripts/cells_base_model.py"
 
 
+rule cells_split:
+    input:
+        units=lambda w: cells_units(w.cohort),
+    output:
+        folds=P.cells_folds(),
+    wildcard_constraints:
+        cohort=kind_cohorts(CELLS),
+    params:
+        splits=section("splits"),
+        seed=lambda w: cfg_of(w).seed,
+    log:
+        P.log("cells_split", "folds"),
+    threads: 1
+    resources:
+        mem_mb=mem_mb(500, 0.01, "units"),  # a few bytes per cell (obs columns only)
+        runtime=runtime_min(5, 0.0005, "units"),
+    conda:
+        "../../envs/morphomol.yaml"
+    script:
+        "../../scripts/cells_split.py"
+
+
 rule cells_fold:
     input:
+        folds=P.cells_folds(),
         units=lambda w: cells_units(w.cohort),
     output:
         table=P.cells_fold("parquet"),
@@ -173,14 +201,12 @@ rule cells_fold:
         cohort=kind_cohorts(CELLS),
     params:
         cells=section(CELLS),
-        splits=section("splits"),
-        seed=lambda w: cfg_of(w).seed,
     log:
         P.log("cells_fold", "fold{fold}"),
     threads: 1
     resources:
-        mem_mb=resource("cpu_mem_mb"),
-        runtime=30,
+        mem_mb=mem_mb(1000, 0.05, "units"),  # one row block + O(genes); obs columns of the largest sample
+        runtime=runtime_min(10, 0.002, "units"),
     conda:
         "../../envs/morphomol.yaml"
     script:
@@ -263,8 +289,8 @@ rule cells_baselines:
         P.log("cells_baselines", "fold{fold}"),
     threads: 1
     resources:
-        mem_mb=resource("cpu_mem_mb"),
-        runtime=60,
+        mem_mb=mem_mb(2500, 0.25, "units"),  # fit cells' sparse HVG matrix + bounded kNN / image reference
+        runtime=runtime_min(15, 0.005, "units"),
     conda:
         "../../envs/morphomol.yaml"
     script:

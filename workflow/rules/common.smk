@@ -97,6 +97,38 @@ def section(name):
     return get
 
 
+def mem_mb(base, per_mb=0.0, *inputs, per_sample=0.0, cap=None):
+    """Resource function: ``mem_mb`` of a heavy job from its size (``morphomol.util.sizes``) --
+    ``base + per_mb × MB of the named inputs`` (all inputs when none are named; zarr directories summed)
+    ``+ per_sample × samples of the cohort``, times the attempt (a retried job asks for more)."""
+    from morphomol.util.sizes import path_size_mb, sized_mb
+
+    def get(wildcards, input, attempt):
+        files = [f for n in inputs for f in _as_list(input.get(n, []))] if inputs else list(input)
+        n = len(samples_of(wildcards.cohort)) if per_sample else 0
+        return sized_mb(base, per_mb, path_size_mb(files) if per_mb else 0.0, per_unit_mb=per_sample, units=n,
+                        attempt=attempt, cap_mb=cap)
+
+    return get
+
+
+def runtime_min(base, per_mb=0.0, *inputs, per_sample=0.0):
+    """Resource function: ``runtime`` (minutes) from the job's size, like :func:`mem_mb`."""
+    from morphomol.util.sizes import path_size_mb, sized_runtime
+
+    def get(wildcards, input, attempt):
+        files = [f for n in inputs for f in _as_list(input.get(n, []))] if inputs else list(input)
+        n = len(samples_of(wildcards.cohort)) if per_sample else 0
+        return sized_runtime(base, per_mb, path_size_mb(files) if per_mb else 0.0, per_unit_min=per_sample, units=n,
+                             attempt=attempt)
+
+    return get
+
+
+def _as_list(x):
+    return [x] if isinstance(x, str) else list(x)
+
+
 def resource(name):
     """Resource function: an integer of the cohort's `resources` config section."""
 

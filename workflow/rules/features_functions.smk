@@ -7,16 +7,25 @@ def feature_groups(cohort):
     return [samples[i:i + k] for i in range(0, len(samples), k)]
 
 
-def features_group_inputs(cohort, samples):
+def runnable_encoders(cohort):
+    """Registry encoders the cohort can run: those that need no weights and those whose weights are
+    configured (a study asks for the ones it uses; the others' rules have no job)."""
+    from morphomol.encoders.registry import list_encoders
+
+    c = cfg_of(cohort)
+    return [s.name for s in list_encoders() if not s.requires_weights or c.weights(s.name)]
+
+
+def features_group_inputs(cohort, encoder, samples):
     """Input function: every sample's image store (token store for expression encoders) + the weights."""
 
     def get(w):
         from morphomol.encoders.registry import get_spec
 
-        expression = get_spec(w.encoder).kind == "expression"
+        expression = get_spec(encoder).kind == "expression"
         store = P.tokens if expression else P.image_store
         inputs = {"stores": [store(cohort, s) for s in samples]}
-        weights = cfg_of(cohort).weights(w.encoder)
+        weights = cfg_of(cohort).weights(encoder)
         if weights:
             inputs["weights"] = weights
         return inputs

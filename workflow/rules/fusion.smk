@@ -1,6 +1,7 @@
 # The fusion study (seed 002; morphomol.studies.fusion) on xenium cohorts:
 #
 #   panels      results/{cohort}/fusion/panels/fold{k}.json          core / add-on genes per fold
+#               (folds from splits/folds.parquet; hvg: unit tables streamed, O(genes) memory)
 #   train       results/{cohort}/fusion/runs/{setting}/fold{k}/      one job per (setting, fold):
 #                   metrics.json, predictions.parquet, checkpoint.safetensors + checkpoint.json
 #     train        settings whose forward pass runs the ViT (fine-tuned, early fusion): GPU
@@ -9,7 +10,8 @@
 #     clip         CLIP pretraining + recall@k (Table A.2): GPU
 #   ridge       results/{cohort}/fusion/runs/ridge_{encoder}/fold{k}/  HEST-style probe on cached features
 #   sample_predictions  results/{cohort}/fusion/samples/{sample}.h5ad  per-sample AnnData: layers measured,
-#                   pred_<setting>; obs fold, partition (morphomol.export.predictions)
+#                   pred_<setting>; obs fold, partition (morphomol.export.predictions); a cluster job
+#                   reading only the sample's rows of each predictions.parquet (one row group per sample)
 #   tables      results/{cohort}/fusion/tables/  Table A.1 / A.2, per-gene, t-tests, metadata, plots/
 #   cross_cohort  results/tables/cross_cohort.{csv,md}  when several fusion cohorts are configured
 #
@@ -25,7 +27,7 @@ include: "fusion_functions.smk"
 # ------------------------------------------------------------------------------ panels
 rule fusion_panel:
     input:
-        split=P.split(),
+        folds=P.folds(),
         units=lambda w: [P.units(w.cohort, s) for s in samples_of(w.cohort)],
     output:
         P.panel(FUSION),
@@ -39,8 +41,9 @@ rule fusion_panel:
         P.log("fusion_panel", "fold{fold}"),
     threads: 1
     resources:
-        mem_mb=8000,
-        runtime=30,
+        # hvg: unit tables streamed in row chunks, O(genes) per sample (+ samples x genes ranks)
+        mem_mb=mem_mb(1000, per_sample=0.2),
+        runtime=runtime_min(10, 0.005, "units"),
     conda:
         "../../envs/morphomol.yaml"
     script:
@@ -87,8 +90,9 @@ use rule fusion_train as fusion_train_cpu with:
     log:
         P.log("fusion_train", "{setting}", "fold{fold}"),
     resources:
-        # cached features of every tile are held in memory (N x D float32)
-        mem_mb=lambda w: max(4 * cfg_of(w).resources.cpu_mem_mb, 16000),
+        # cached features are read per chunk with the tiles (the loader's shuffle buffer); what grows is
+        # the fold's test predictions (tiles x targets), a fraction of the token stores
+        mem_mb=_train_cpu_mem_mb,
         runtime=resource("train_runtime_min"),
 
 
@@ -148,7 +152,7 @@ rule fusion_clip:
 # ------------------------------------------------------------------------------ ridge baseline
 rule fusion_ridge:
     input:
-        split=P.split(),
+        folds=P.folds(),
         panel=P.panel(FUSION),
         features=lambda w: [P.features(w.cohort, w.encoder, s) for s in samples_of(w.cohort)],
         units=lambda w: [P.units(w.cohort, s) for s in samples_of(w.cohort)],
@@ -163,10 +167,14 @@ rule fusion_ridge:
         seed=lambda w: cfg_of(w).seed,
     log:
         P.log("fusion_ridge", "{encoder}", "fold{fold}"),
+    benchmark:
+        P.benchmark("fusion_ridge", "{encoder}", "fold{fold}")
     threads: 2
     resources:
-        mem_mb=resource("cpu_mem_mb"),
-        runtime=60,
+        # out of core (morphomol.baselines.ridge): D x D sums per inner fold + one chunk of tiles; what grows
+        # is the fold's test targets / predictions (~6 % of the features at 100 add-on genes, 1536-d)
+        mem_mb=mem_mb(1500, 0.1, "features"),
+        runtime=runtime_min(20, 0.01, "features"),
     conda:
         "../../envs/morphomol.yaml"
     script:
@@ -174,30 +182,48 @@ rule fusion_ridge:
 
 
 # ------------------------------------------------------------------------------ per-sample predictions
-rule fusion_sample_predictions:
-    input:
-        units=P.units(),
-        splits=lambda w: [P.split(w.cohort, k) for k in folds_of(w.cohort)],
-        predictions=lambda w: [p for ps in fusion_predictions(w.cohort).values() for p in ps],
-    output:
-        P.study_sample(FUSION),
-    wildcard_constraints:
-        cohort=study_cohort_regex(FUSION),
-    params:
-        predictions=lambda w: fusion_predictions(w.cohort),
-    log:
-        P.log("fusion_sample_predictions"),
-    threads: 1
-    resources:
-        mem_mb=resource("cpu_mem_mb"),
-        runtime=20,
-    conda:
-        "../../envs/morphomol.yaml"
-    script:
-        "../../scripts/fusion_sample_predictions.py"
+# A cluster job per sample: it reads the fold table and only its own rows of each run's predictions
+# (pyarrow filter on sample_id), so its memory is the sample's (sized from the sample's share of them).
+# one job per group of `features.group_size` samples (sheet order), each sample written in turn (memory of
+# one sample); generated per (cohort, group) with concrete outputs, like the feature jobs: a job per sample
+# would give Snakemake one edge per (sample, setting, fold) into training jobs that each list every sample.
+for _cohort in study_cohorts(FUSION):
+    for _k, _group in enumerate(feature_groups(_cohort)):
+        _name = re.sub(r"\W", "_", f"fusion_sample_predictions_{_cohort}_{_k}")
+
+        rule:
+            name:
+                _name
+            input:
+                units=[P.units(_cohort, s) for s in _group],
+                folds=P.folds(_cohort),
+                predictions=lambda w, c=_cohort: [p for ps in fusion_predictions(c).values() for p in ps],
+            output:
+                [P.study_sample(FUSION, _cohort, s) for s in _group],
+            params:
+                samples=list(_group),
+                predictions=lambda w, c=_cohort: fusion_predictions(c),
+            log:
+                P.log("fusion_sample_predictions", f"group{_k}", cohort=_cohort),
+            threads: 1
+            resources:
+                mem_mb=sample_predictions_mem_mb(_cohort),
+                runtime=sample_predictions_runtime(_cohort),
+            conda:
+                "../../envs/morphomol.yaml"
+            script:
+                "../../scripts/fusion_sample_predictions.py"
+
+        apply_profile_resources(_name, "fusion_sample_predictions")
 
 
 # ------------------------------------------------------------------------------ tables, figures
+# light jobs (seconds): run inside the Snakemake process, never as cluster jobs
+localrules:
+    fusion_tables,
+    fusion_cross_cohort,
+
+
 rule fusion_tables:
     input:
         metrics=lambda w: [f"{d}/metrics.json" for d in fusion_run_dirs(w.cohort)],

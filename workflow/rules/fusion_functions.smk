@@ -70,11 +70,12 @@ STUDY_TARGETS[FUSION] = fusion_targets
 
 
 def _train_inputs(w):
-    """Exactly what the run reads: split, panel, every sample's token store, the image stores when the
-    setting reads images, the cached features of its frozen encoders, the ViT-S weights it loads."""
+    """Exactly what the run reads: the fold table (its fold expanded over the token stores' units), panel,
+    every sample's token store, the image stores when the setting reads images, the cached features of its
+    frozen encoders, the ViT-S weights it loads."""
     s = fusion_setting(w)
     samples = samples_of(w.cohort)
-    inputs = {"split": P.split(w.cohort, w.fold), "panel": P.panel(FUSION, w.cohort, w.fold),
+    inputs = {"folds": P.folds(w.cohort), "panel": P.panel(FUSION, w.cohort, w.fold),
               "tokens": [P.tokens(w.cohort, x) for x in samples]}
     if "image" in s.batch_fields:
         inputs["tiles"] = [P.image_store(w.cohort, x) for x in samples]
@@ -84,6 +85,50 @@ def _train_inputs(w):
     if s.runs_vit and weights:
         inputs["vit_weights"] = weights
     return inputs
+
+
+def _train_cpu_mem_mb(wildcards, input, attempt):
+    """mem_mb of a CPU training job: a base (model, loader chunk buffers, one batch) plus the fold's test
+    predictions (tiles x targets, ~ a quarter of the cohort's token stores at 4 folds), times the attempt."""
+    from morphomol.util.sizes import path_size_mb, sized_mb
+
+    n_folds = max(1, len(folds_of(wildcards.cohort)))
+    return sized_mb(2000, 1.0 / n_folds, path_size_mb(list(input.tokens)), attempt=attempt)
+
+
+def _sample_share_mb(cohort, input):
+    """MB of one sample's rows in the runs' predictions: their total size over the cohort's samples (every
+    sample is test once per setting)."""
+    from morphomol.util.sizes import path_size_mb
+
+    return path_size_mb(list(input.predictions)) / max(1, len(samples_of(cohort)))
+
+
+def sample_predictions_mem_mb(cohort):
+    """mem_mb of a per-sample predictions job (samples written one at a time): the largest unit table of the
+    group (obs, spatial image) and one sample's rows of the predictions (decoded once per setting, kept as
+    dense layers), never the fold's or the cohort's."""
+
+    def get(wildcards, input, attempt):
+        from morphomol.util.sizes import path_size_mb, sized_mb
+
+        largest = max((path_size_mb(u) for u in input.units), default=0.0)
+        return sized_mb(1000, 1.0, 2.0 * largest + 2.0 * _sample_share_mb(cohort, input), attempt=attempt)
+
+    return get
+
+
+def sample_predictions_runtime(cohort):
+    def get(wildcards, input, attempt):
+        from morphomol.util.sizes import sized_runtime
+
+        # row groups of other samples are skipped: time follows the samples' rows, plus the files' footers
+        n = len(list(input.units))
+        n_files = len(list(input.predictions))
+        return sized_runtime(5, 0.01 * n, _sample_share_mb(cohort, input), per_unit_min=0.002 * n, units=n_files,
+                             attempt=attempt)
+
+    return get
 
 
 def _training_section(w):

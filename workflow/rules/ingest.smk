@@ -26,8 +26,8 @@ rule xenium_ingest_spatialdata:
         P.benchmark("xenium_ingest")
     threads: 2
     resources:
-        mem_mb=8000,
-        runtime=120,
+        mem_mb=mem_mb(8000),
+        runtime=runtime_min(120),
     conda:
         "../../envs/morphomol.yaml"
     script:
@@ -54,8 +54,8 @@ rule xenium_ingest_hest:
         P.benchmark("xenium_ingest")
     threads: 1
     resources:
-        mem_mb=8000,
-        runtime=120,
+        mem_mb=mem_mb(8000),
+        runtime=runtime_min(120),
     conda:
         "../../envs/morphomol.yaml"
     script:

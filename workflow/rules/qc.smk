@@ -20,8 +20,8 @@ rule qc:
         P.log("qc"),
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=60,
+        mem_mb=mem_mb(4000),
+        runtime=runtime_min(60),
     conda:
         "../../envs/morphomol.yaml"
     script:

@@ -31,8 +31,8 @@ rule register:
         P.benchmark("register")
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=60,
+        mem_mb=mem_mb(4000),
+        runtime=runtime_min(60),
     conda:
         "../../envs/morphomol.yaml"
     script:

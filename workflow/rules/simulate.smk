@@ -28,8 +28,8 @@ rule simulate:
         P.log("simulate"),
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=15,
+        mem_mb=mem_mb(2000),
+        runtime=runtime_min(15),
     conda:
         "../../envs/morphomol.yaml"
     script:

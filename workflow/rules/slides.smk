@@ -2,16 +2,31 @@
 #
 #   slides_simulate      results/{cohort}/simulated/{slides/,rna_counts.tsv,truth.parquet}   demo cohorts
 #   slides_tile_<c>_<k>  results/{cohort}/samples/{sample}/{units.h5ad,images.zarr,tiles_qc.png}
-#                        tissue detection + whole-slide tiling, one job per group of slides
+#                        tissue detection + whole-slide tiling, one job per group of slides (group<k>)
 #   (features)           results/{cohort}/features/{encoder}/{sample}.zarr   the shared frozen-feature cache
-#   (splits)             results/{cohort}/splits/fold{k}.parquet             the shared patient-grouped folds
+#   slides_embed         results/{cohort}/slides/embeddings/{group}/{sample}.zarr   per slide: mean tile vector,
+#                        seeded float16 bag of <= abmil_max_tiles tiles, tile index; one job per group of
+#                        `slides.tiling.group_size` slides (group0, group1, ... in sheet order)
+#   (splits)             results/{cohort}/splits/folds.parquet               the shared patient-grouped folds
 #   slides_rna           results/{cohort}/slides/rna/   expression.h5ad, preprocessing.json, genes.txt
 #   slides_genesets      results/{cohort}/slides/genesets/   ssGSEA scores (+ null sets), sets.json, coverage.tsv
 #   slides_fold          results/{cohort}/slides/runs/{setting}/fold{k}/   one job per (slide encoder, fold):
-#                        trained / untrained / permuted-pairs alignment, retrieval, both prompting routes
+#                        trained / untrained / permuted-pairs alignment, retrieval, both prompting routes;
+#                        reads the slide embeddings only (never the tile features)
 #   slides_transfer      results/{cohort}/slides/transfer/{target}.json   leave-one-cohort-out + few-shot
 #   slides_tables        results/{cohort}/slides/tables/   tables, predicted scores (csv + h5ad), fold ids,
 #                        gene order, RNA preprocessing, plots/
+#
+# Groups of slides (`slides.tiling.group_size`, sheet order: group0, group1, ...) are the jobs of the per-slide
+# stages: one process start per group, not per slide. Tiling must write the per-sample contract paths, and a
+# wildcard rule cannot declare a group's per-slide outputs, so its rules are generated per (cohort, group)
+# with concrete outputs (Snakemake's output index finds the producer of a concrete path directly: the DAG
+# stays linear in the slides; a profile's `set-resources: slides_tile:` applies to all of them);
+# slides_embed is one wildcard rule with a {group} wildcard whose output is the group's directory of
+# per-slide embeddings, so that a fold job declares one input per group, not one per slide. Memory and
+# runtime of the heavy rules follow their inputs' sizes (mem_mb / runtime_min of common.smk): the largest
+# slide / store of the group for tiling and embedding, the number of slides for the cohort-level jobs
+# (which read per-slide summaries: N x D vectors, bags per batch, expression by rows).
 
 
 include: "slides_functions.smk"
@@ -45,34 +60,61 @@ rule slides_simulate:
 
 
 for _cohort in slides_cohorts():
-    for _k, _group in enumerate(slides_tile_groups(_cohort)):
+    for _group, _slides in slides_groups(_cohort).items():
+        _name = re.sub(r"\W", "_", f"slides_tile_{_cohort}_{_group.removeprefix('group')}")
 
         rule:
             name:
-                re.sub(r"\W", "_", f"slides_tile_{_cohort}_{_k}")
+                _name
             input:
-                unpack(slides_slide_inputs(_cohort, _group)),
+                unpack(slides_tile_inputs(_cohort, _slides)),
             output:
-                units=[P.units(_cohort, s) for s in _group],
-                stores=[directory(P.image_store(_cohort, s)) for s in _group],
-                qc=[P.tiles_qc(_cohort, s) for s in _group],
+                units=[P.units(_cohort, s) for s in _slides],
+                stores=[directory(P.image_store(_cohort, s)) for s in _slides],
+                qc=[P.tiles_qc(_cohort, s) for s in _slides],
             params:
-                samples=list(_group),
-                slides=[cohort_of(_cohort).field(s, "slide_path") for s in _group],
-                patients=[cohort_of(_cohort).field(s, "patient_id") for s in _group],
-                he_mpp=[cohort_of(_cohort).field(s, "he_mpp") for s in _group],
+                samples=list(_slides),
+                slides=slides_tile_fields(_cohort, _slides, "slide_path"),
+                patients=slides_tile_fields(_cohort, _slides, "patient_id"),
+                he_mpp=slides_tile_fields(_cohort, _slides, "he_mpp"),
                 tiling=lambda w, c=_cohort: to_plain(slides_cfg(c).tiling),
                 seed=lambda w, c=_cohort: cfg_of(c).seed,
             log:
-                P.log("slides_tile", f"group{_k}", cohort=_cohort),
+                P.log("slides_tile", _group, cohort=_cohort),
             threads: 1
             resources:
-                mem_mb=4000,
-                runtime=120,
+                mem_mb=slides_tile_mem,
+                runtime=runtime_min(10, 0.01, "slides"),
             conda:
                 "../../envs/morphomol.yaml"
             script:
                 "../../scripts/slides_tile.py"
+
+        apply_profile_resources(_name, "slides_tile")
+
+
+rule slides_embed:
+    input:
+        features=slides_group_features,
+    output:
+        directory(P.slides_embeddings()),
+    wildcard_constraints:
+        cohort=slides_cohort_regex(),
+        group=r"group\d+",
+    params:
+        samples=slides_group_samples,
+        max_tiles=lambda w: slides_cfg(w.cohort).abmil_max_tiles,
+        seed=lambda w: cfg_of(w).seed,
+    log:
+        P.log("slides_embed", "{group}"),
+    threads: 1
+    resources:
+        mem_mb=slides_embed_mem,
+        runtime=runtime_min(5, 0.002, "features"),
+    conda:
+        "../../envs/morphomol.yaml"
+    script:
+        "../../scripts/slides_embed.py"
 
 
 rule slides_rna:
@@ -92,8 +134,8 @@ rule slides_rna:
         P.log("slides_rna", "rna"),
     threads: 1
     resources:
-        mem_mb=resource("cpu_mem_mb"),
-        runtime=30,
+        mem_mb=slides_rna_mem,
+        runtime=runtime_min(10, 0.01, "matrix", per_sample=0.005),
     conda:
         "../../envs/morphomol.yaml"
     script:
@@ -119,8 +161,8 @@ rule slides_genesets:
         P.log("slides_genesets", "genesets"),
     threads: 1
     resources:
-        mem_mb=resource("cpu_mem_mb"),
-        runtime=60,
+        mem_mb=mem_mb(2000, per_sample=0.02),
+        runtime=runtime_min(10, per_sample=0.02),
     conda:
         "../../envs/morphomol.yaml"
     script:
@@ -130,8 +172,8 @@ rule slides_genesets:
 rule slides_fold:
     input:
         unpack(slides_rna_weights),
-        split=P.split(),
-        features=slides_features,
+        folds=P.folds(),
+        embeddings=slides_embedding_dirs,
         expression=P.slides_rna("expression.h5ad"),
         scores=P.slides_genesets("scores.parquet"),
         sets=P.slides_genesets("sets.json"),
@@ -146,6 +188,7 @@ rule slides_fold:
         setting=slides_settings_regex(),
     params:
         samples=lambda w: samples_of(w.cohort),
+        embeddings=slides_embedding_paths,
         slides=section("slides"),
         seed=lambda w: cfg_of(w).seed,
         rna_overrides=slides_rna_overrides,
@@ -153,8 +196,8 @@ rule slides_fold:
         P.log("slides_fold", "{setting}", "fold{fold}"),
     threads: resource("train_threads")
     resources:
-        mem_mb=resource("cpu_mem_mb"),
-        runtime=resource("train_runtime_min"),
+        mem_mb=mem_mb(2500, per_sample=0.25),
+        runtime=runtime_min(60, per_sample=0.2),
     conda:
         "../../envs/morphomol.yaml"
     script:
@@ -164,7 +207,7 @@ rule slides_fold:
 rule slides_transfer:
     input:
         unpack(slides_rna_weights),
-        features=slides_features,
+        embeddings=slides_embedding_dirs,
         expression=P.slides_rna("expression.h5ad"),
         scores=P.slides_genesets("scores.parquet"),
         sets=P.slides_genesets("sets.json"),
@@ -175,6 +218,7 @@ rule slides_transfer:
         cohort=study_cohort_regex(SLIDES),
     params:
         samples=lambda w: samples_of(w.cohort),
+        embeddings=slides_embedding_paths,
         slides=section("slides"),
         val_fraction=lambda w: cfg_of(w).splits.val_fraction,
         seed=lambda w: cfg_of(w).seed,
@@ -183,8 +227,8 @@ rule slides_transfer:
         P.log("slides_transfer", "{target}"),
     threads: resource("train_threads")
     resources:
-        mem_mb=resource("cpu_mem_mb"),
-        runtime=resource("train_runtime_min"),
+        mem_mb=mem_mb(2500, per_sample=0.25),
+        runtime=runtime_min(60, per_sample=0.3),
     conda:
         "../../envs/morphomol.yaml"
     script:
@@ -196,7 +240,7 @@ rule slides_tables:
         metrics=lambda w: [f"{d}/metrics.json" for ds in slides_runs(w.cohort).values() for d in ds],
         predictions=lambda w: [f"{d}/predictions.parquet" for ds in slides_runs(w.cohort).values() for d in ds],
         transfer=lambda w: [P.slides_transfer(w.cohort, t) for t in slides_transfer_targets(w.cohort)],
-        splits=lambda w: [P.split(w.cohort, k) for k in folds_of(w.cohort)],
+        folds=P.folds(),
         expression=P.slides_rna("expression.h5ad"),
         sets=P.slides_genesets("sets.json"),
         preprocessing=P.slides_rna("preprocessing.json"),
@@ -243,8 +287,8 @@ rule slides_tables:
         P.log("slides_tables", "tables"),
     threads: 1
     resources:
-        mem_mb=resource("cpu_mem_mb"),
-        runtime=30,
+        mem_mb=mem_mb(2000, per_sample=0.2),
+        runtime=runtime_min(15, per_sample=0.005),
     conda:
         "../../envs/morphomol.yaml"
     script:

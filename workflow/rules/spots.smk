@@ -4,7 +4,7 @@
 #   spots_simulate   results/{cohort}/simulated/{sample}/         simulated Space Ranger layout (demo cohorts)
 #   spots_units      results/{cohort}/samples/{sample}/           units.h5ad, images.zarr, spots_qc.{json,png}
 #   (features)       results/{cohort}/features/{encoder}/{sample}.zarr   the shared frozen-feature cache (GPU)
-#   (splits)         results/{cohort}/splits/fold{k}.parquet             the shared patient-grouped folds
+#   (splits)         results/{cohort}/splits/folds.parquet               the shared patient-grouped folds
 #   spots_targets    results/{cohort}/spots/targets/fold{k}.json   target genes chosen on training samples
 #   spots_captions   results/{cohort}/samples/{sample}/captions_vlm.parquet   captions of a local VLM (GPU)
 #   spots_text       results/{cohort}/spots/text/                  captions + sentence embeddings (cohort)
@@ -71,8 +71,9 @@ rule spots_units:
         P.benchmark("spots_units")
     threads: 1
     resources:
-        mem_mb=resource("cpu_mem_mb"),
-        runtime=120,
+        # one sample: its count matrix and the H&E levels the patches are read from
+        mem_mb=mem_mb(2000, 1.0),
+        runtime=runtime_min(20, 0.05),
     conda:
         "../../envs/morphomol.yaml"
     script:
@@ -81,7 +82,7 @@ rule spots_units:
 
 rule spots_targets:
     input:
-        split=P.split(),
+        folds=P.folds(),
         units=lambda w: [P.units(w.cohort, s) for s in samples_of(w.cohort)],
         genes_file=lambda w: spots_cfg(w).targets.genes_file if spots_cfg(w).targets.mode == "yaml" else [],
     output:
@@ -93,10 +94,13 @@ rule spots_targets:
         spots=spots_section("targets"),
     log:
         P.log("spots_targets", "fold{fold}"),
+    benchmark:
+        P.benchmark("spots_targets", "fold{fold}")
     threads: 1
     resources:
-        mem_mb=resource("cpu_mem_mb"),
-        runtime=60,
+        # one training sample at a time (the largest unit table) + per-gene summaries
+        mem_mb=spots_largest_mb(1500, 8.0, "units"),
+        runtime=runtime_min(10, 0.05, "units"),
     conda:
         "../../envs/morphomol.yaml"
     script:
@@ -176,9 +180,10 @@ rule spots_train:
     threads: resource("train_threads")
     resources:
         gpu=lambda w: 1 if spots_cfg(w).training.gpu else 0,
-        # features of every spot of the cohort are held in memory (N x D float32)
-        mem_mb=lambda w: max(2 * cfg_of(w).resources.cpu_mem_mb, 8000),
-        runtime=resource("train_runtime_min"),
+        # a bounded buffer of spots per partition (features + targets, spots.stream.BUFFER_MB) + one fold's
+        # validation / test predictions: grows with the features up to the buffers, then slowly
+        mem_mb=mem_mb(2500, 1.5, "features", cap=7000),
+        runtime=spots_train_runtime(),
     conda:
         "../../envs/morphomol.yaml"
     script:
@@ -201,10 +206,14 @@ rule spots_baseline:
         seed=lambda w: cfg_of(w).seed,
     log:
         P.log("spots_baseline", "{baseline}"),
+    benchmark:
+        P.benchmark("spots_baseline", "{baseline}")
     threads: 2
     resources:
-        mem_mb=lambda w: max(2 * cfg_of(w).resources.cpu_mem_mb, 8000),
-        runtime=60,
+        # out of core (studies.spots.baselines): per fold, D x D sums + one chunk of spots; what grows is one
+        # fold's test targets / predictions (~half the features at 1,000 targets, 1536-d)
+        mem_mb=mem_mb(2000, 1.0, "features"),
+        runtime=runtime_min(20, 0.03, "features"),
     conda:
         "../../envs/morphomol.yaml"
     script:
@@ -271,10 +280,13 @@ rule spots_outputs:
         map_samples=lambda w: spots_cfg(w).maps.samples,
     log:
         P.log("spots_outputs", "outputs"),
+    benchmark:
+        P.benchmark("spots_outputs", "outputs")
     threads: 1
     resources:
-        mem_mb=resource("cpu_mem_mb"),
-        runtime=60,
+        # one sample at a time: its unit table and its rows of each setting's predictions
+        mem_mb=spots_largest_mb(2000, 6.0, "units"),
+        runtime=runtime_min(10, 0.02, "predictions"),
     conda:
         "../../envs/morphomol.yaml"
     script:

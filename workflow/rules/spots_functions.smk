@@ -99,14 +99,39 @@ def spots_units_of(w):
 
 
 def spots_common_inputs(w, encoder=None):
-    """Unit tables, every fold's split and targets, and (with an encoder) its features per sample."""
+    """Unit tables, the cohort's fold table, every fold's targets, and (with an encoder) its features per sample."""
     samples = samples_of(w.cohort)
     out = {"units": [P.units(w.cohort, s) for s in samples],
-           "splits": [P.split(w.cohort, k) for k in folds_of(w.cohort)],
+           "folds": P.folds(w.cohort),
            "targets": [P.spots_targets(w.cohort, k) for k in folds_of(w.cohort)]}
     if encoder:
         out["features"] = [P.features(w.cohort, encoder, s) for s in samples]
     return out
+
+
+def spots_largest_mb(base, per_mb, name):
+    """Resource function: ``mem_mb`` of a job that holds one input file of ``name`` at a time (one sample):
+    ``base + per_mb × MB of the largest``, times the attempt."""
+    from morphomol.util.sizes import path_size_mb, sized_mb
+
+    def get(wildcards, input, attempt):
+        files = input.get(name, [])
+        largest = max([path_size_mb(f) for f in ([files] if isinstance(files, str) else files)] or [0.0])
+        return sized_mb(base, per_mb, largest, attempt=attempt)
+
+    return get
+
+
+def spots_train_runtime():
+    """Resource function: ``runtime`` of spots_train from its features (every fold x seed x epoch reads them)."""
+    from morphomol.util.sizes import path_size_mb, sized_runtime
+
+    def get(wildcards, input, attempt):
+        sp = cfg_of(wildcards).spots
+        passes = len(sp.seeds) * len(folds_of(wildcards.cohort)) * sp.training.epochs
+        return sized_runtime(30, 0.0003 * passes, path_size_mb(list(input.get("features", []))), attempt=attempt)
+
+    return get
 
 
 def spots_train_inputs(w):

@@ -31,8 +31,8 @@ rule tile:
         P.benchmark("tile")
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=120,
+        mem_mb=mem_mb(4000),
+        runtime=runtime_min(120),
     conda:
         "../../envs/morphomol.yaml"
     script:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +59,9 @@ class Cohort:
     simulate: dict[str, Any] | None = None
     overrides: dict[str, Any] = field(default_factory=dict, repr=False)
 
-    @property
+    @cached_property
     def sample_ids(self) -> list[str]:
+        """Sample ids in sheet order (computed once: input functions ask for it in every job of the DAG)."""
         return [str(s) for s in self.samples.index]
 
     def sample(self, sample_id: str) -> dict[str, Any]:
@@ -73,7 +75,12 @@ class Cohort:
         return _clean(self.samples.at[sample_id, column])
 
     def patients(self) -> dict[str, str]:
-        return {str(s): str(p) for s, p in zip(self.samples.index, self.samples["patient_id"])}
+        """sample_id -> patient_id (computed once)."""
+        return self._patients
+
+    @cached_property
+    def _patients(self) -> dict[str, str]:
+        return {str(s): str(p) for s, p in zip(self.samples.index, self.samples["patient_id"], strict=True)}
 
     def source_of(self, section: str) -> Path | None:
         """The file a section's value comes from (the cohort YAML when it overrides it)."""

@@ -4,7 +4,7 @@
 * :mod:`.features`  frozen-feature stores (``features/{encoder}/{sample}.zarr``), rows = units
 * :mod:`.stores`    tile image stores (``tiles.zarr``) and token stores (``tokens.zarr``)
 * :mod:`.loader`    the chunk-shuffling training loader over those stores
-* :mod:`.folds`     a cohort's fold artifacts (``splits/fold{k}.parquet``, a study's ``panels/fold{k}.json``)
+* :mod:`.folds`     a cohort's fold artifacts (``splits/folds.parquet``, a study's ``panels/fold{k}.json``)
 * :mod:`.runs`      run artifacts (``metrics.json``, ``predictions.parquet``)
 
 Submodules are imported on use (no heavy imports here).

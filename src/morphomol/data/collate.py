@@ -6,7 +6,9 @@ its unit (one shuffle-buffer fill) needs it; every tile is copied once into the 
 kernels (images: one row copy; tile counts and log1p targets gathered by gene; tokens as flat COO
 entries, into a dense buffer, or into a reused dense buffer cleared only where the last batch
 wrote). Output buffers are fresh tensors (optionally in shared memory, for DataLoader workers) or
-a reused :class:`~morphomol.data.feed.Slot`.
+a reused :class:`~morphomol.data.feed.Slot`. Cached features (``TileStream.features``) are read with
+the tile chunk they belong to (rows ``i0:i1`` of the sample's features store) into pooled buffers and
+copied row by row into the batch like the images.
 """
 
 from __future__ import annotations
@@ -159,6 +161,7 @@ class ChunkDecoder:
     def __init__(self, ts: TileStream, pool: BufferPool | None = None) -> None:
         self.ts = ts
         self._stores: dict[int, SampleStore] = {}
+        self._feats: dict[tuple[str, int], Any] = {}  # (field, sample) -> ChunkReader of its features array
         self._maps: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self.pool = pool if pool is not None else BufferPool(2 * ts.buffer_chunks + 2)
 
@@ -184,7 +187,31 @@ class ChunkDecoder:
         if self.ts.want_tokens:
             d["tbuf"] = self.pool.take("tok", dict)
             d["tok"] = st.read_tokens(i0, i1, d["tbuf"])
+        if self.ts.features:
+            d["feat"], d["fbuf"] = {}, {}
+            for name in self.ts.features:
+                rd = self.feature_reader(name, si)
+                kind = ("feat", C, rd.row_shape)
+                buf = d["fbuf"][name] = self.pool.take(kind, lambda shape=(C, *rd.row_shape): np.empty(shape, np.float32))
+                d["feat"][name] = rd.read_range(i0, i1, out=buf)
         return d
+
+    def feature_reader(self, name: str, si: int) -> Any:
+        """Whole-chunk reader of the features array of field ``name`` of sample ``si`` (opened once)."""
+        key = (name, si)
+        if key not in self._feats:
+            from morphomol.data.chunks import ChunkReader
+            from morphomol.data.features import _features_array
+
+            path = self.ts.features[name][si]
+            _, arr = _features_array(path)
+            if np.dtype(arr.dtype) != np.float32:
+                from morphomol.errors import InputError
+
+                raise InputError(f"features are {arr.dtype}", file=path, field="features",
+                                 expected="float32 (N, D) features written by the features rule")
+            self._feats[key] = ChunkReader(arr)
+        return self._feats[key]
 
     def release(self, ch: dict[str, Any]) -> None:
         """A chunk is no longer needed: its buffers back to the pool (reused: no fresh memory)."""
@@ -193,6 +220,8 @@ class ChunkDecoder:
             self.pool.give(("img", b.shape[0], b.shape[1:]), b)
         if "tbuf" in ch:
             self.pool.give("tok", ch.pop("tbuf"))
+        for buf in ch.pop("fbuf", {}).values():
+            self.pool.give(("feat", buf.shape[0], buf.shape[1:]), buf)
 
     def rotate(self, prev: dict[tuple[int, int], dict[str, Any]], cur: dict[tuple[int, int], dict[str, Any]]) -> None:
         """A unit ended: chunks of two units ago (not needed by ``cur``) give their buffers back."""
@@ -283,6 +312,14 @@ class ChunkDecoder:
                     out["token_index"] = t_flat[:w]
                     out["token_value"] = t_vals[:w]
                     out["token_shape"] = (B, N_TOKENS, Gc)
+        for name, D in ts.feature_dims.items():
+            if slot is None:
+                t_f, f = _alloc((B, D), np.float32, shared=shared)
+            else:
+                t_f, f = slot.take(name, (B, D), np.float32)
+            for ch, off, pos in groups:
+                k["take_rows"](ch["feat"][name], off, pos, f)
+            out[name] = t_f
         out["tile_counts"] = t_core
         out["targets"] = t_tgt
         si_all, idx_all = batch[:, 0], batch[:, 1]

@@ -16,7 +16,8 @@ Layout (a zarr v3 group), row ``i`` = tile ``i`` of the sample (unit ``{sample}_
 
 Written by :func:`morphomol.features.extract_features` through :func:`open_features_writer`
 (a temporary sibling renamed on success, so a failed job leaves nothing behind); read by
-training, the ridge baseline and tests through :func:`read_features` / :func:`feature_rows`.
+the ridge baseline and tests through :func:`read_features` / :func:`feature_rows`; the training loader reads
+them chunk by chunk with its tile chunks (:mod:`morphomol.data.loader`, validated by :func:`check_feature_stores`).
 """
 
 from __future__ import annotations
@@ -134,6 +135,35 @@ def feature_rows(paths: Mapping[str, str | Path], unit_ids: Sequence[str]) -> np
         out[np.asarray(out_rows, dtype=np.int64)] = feats
     assert out is not None
     return out
+
+
+def check_feature_stores(paths: Mapping[str, str | Path], rows_needed: Mapping[str, int]) -> int:
+    """Validate the features stores a batch reader will read per chunk (nothing but shapes is read) and
+    return their common width D. ``rows_needed``: sample -> rows the reader will index (max index + 1).
+
+    InputError for a sample without a store (``no cached features for sample ...``), a missing store or
+    array, too few rows (``tile index ... out of range``) or samples with different feature widths, as
+    :func:`feature_rows`."""
+    dim: int | None = None
+    dim_from: Path | None = None
+    for sample, need in rows_needed.items():
+        if sample not in paths:
+            raise InputError(f"no cached features for sample '{sample}'", field="features",
+                             expected="a features zarr per sample of the cohort")
+        path = Path(paths[sample])
+        _, arr = _features_array(path)
+        n, d = int(arr.shape[0]), int(arr.shape[1])
+        if int(need) > n:
+            raise InputError(f"tile index {int(need) - 1} out of range ({n} rows)", file=path, field="features",
+                             expected="one feature row per tile of tiles.parquet")
+        if dim is None:
+            dim, dim_from = d, path
+        elif d != dim:
+            raise InputError(f"feature dim {d} differs from {dim} ({dim_from})", file=path, field="dim",
+                             expected="one encoder (one feature width) for every sample")
+    if dim is None:
+        raise InputError("no tiles to read features for")
+    return dim
 
 
 # --------------------------------------------------------------------------------- unit geometry
@@ -328,6 +358,6 @@ def write_features(path: str | Path, features: np.ndarray, *, encoder: str, weig
     return Path(path)
 
 
-__all__ = ["open_zarr_group", "read_features", "read_features_attrs", "feature_rows", "parse_unit_id",
-           "FeaturesWriter", "open_features_writer", "write_features", "UnitGeometry", "geometry_from_obs",
-           "unit_geometry", "write_unit_geometry", "read_feature_units"]
+__all__ = ["open_zarr_group", "read_features", "read_features_attrs", "feature_rows", "check_feature_stores",
+           "parse_unit_id", "FeaturesWriter", "open_features_writer", "write_features", "UnitGeometry",
+           "geometry_from_obs", "unit_geometry", "write_unit_geometry", "read_feature_units"]

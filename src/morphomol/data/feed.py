@@ -103,8 +103,8 @@ class Feed:
 
     Keep one per loader layout: decode states (open stores, chunk buffers) and slots live as
     long as the feed. :meth:`epoch` yields the loader's batch dicts (``image``, ``tokens``
-    dense (B, 196, G_core), ``tile_counts``, ``targets``, ``index``, ``tile_id``) with tensors on
-    ``device``.
+    dense (B, 196, G_core), ``tile_counts``, ``targets``, cached feature fields, ``index``, ``tile_id``)
+    with tensors on ``device``.
     """
 
     def __init__(self, stream: TileStream, *, threads: int, device: Any, depth: int = 2) -> None:
@@ -216,7 +216,7 @@ class Feed:
         torch = _torch()
         out: dict[str, Any] = {"tile_id": host["tile_id"], "index": host["index"]}
         with torch.cuda.stream(self._copy_stream):
-            for k in ("image", "tile_counts", "targets"):
+            for k in ("image", "tile_counts", "targets", *self.stream.feature_dims):
                 if k in host:
                     out[k] = host[k].to(self.device, non_blocking=True)
             if "token_index" in host:

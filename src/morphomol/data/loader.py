@@ -20,6 +20,10 @@ for any number of threads.
 
 ``buffer_batches`` raises the shuffle buffer to at least that many batches (at batch 512 and 64-tile
 chunks, 8 chunks would hold exactly one batch: every batch would be 8 contiguous chunks).
+``features`` (field -> sample -> features zarr, :mod:`morphomol.data.features`): cached frozen features
+read with the tile chunks they belong to (rows ``i0:i1`` of the sample's store for tile chunk ``[i0, i1)``),
+into reused chunk buffers, and gathered into the batch like the tile counts: a run on cached features
+holds the chunks of its shuffle buffer, never a partition's (N, D) features.
 ``shard=(rank, world)`` (data-parallel training) cuts every batch, its tiles ordered by chunk, into
 ``world`` near-equal contiguous parts and keeps part ``rank``: the ranks together see the very
 batches of one process, each tile once, and each rank decodes about ``1/world`` of the chunks.
@@ -33,6 +37,7 @@ Batch (dict), B tiles:
                                                               (token_format="coo"; see :func:`densify_tokens`)
   ``tile_counts``  float32 (B, G_core) raw counts of the core genes over the tile
   ``targets``      float32 (B, G_addon) log1p of the add-on gene counts over the tile
+  ``<field>``      float32 (B, D) cached features of each ``features`` field (e.g. ``morph_feat``)
   ``index``        int64 (B,) row in the sample's stores; ``tile_id`` list[str]
 Inputs are raw counts: the model applies log1p (the paper pools, then log1p).
 """
@@ -47,7 +52,7 @@ import numpy as np
 import pandas as pd
 
 from morphomol.data.collate import N_TOKENS, BufferPool, ChunkDecoder, _kernels, coo_dtype  # noqa: F401
-from morphomol.data.folds import read_split
+from morphomol.data.folds import check_split_table
 from morphomol.data.stores import SampleStore, StorePaths
 from morphomol.errors import InputError
 from morphomol.util.logs import get_logger
@@ -119,7 +124,8 @@ class TileStream:
     def __init__(self, split: pd.DataFrame, panel: Mapping[str, Any], stores: Mapping[str, StorePaths],
                  partition: str | Sequence[str], *, batch_size: int = 256, shuffle: bool = True, seed: int = 0,
                  buffer_chunks: int = 8, drop_last: bool = False, token_format: str = "dense", images: bool = True,
-                 tokens: bool = True, grid: int = 14, buffer_batches: int = 0) -> None:
+                 tokens: bool = True, grid: int = 14, buffer_batches: int = 0,
+                 features: Mapping[str, Mapping[str, str | Path]] | None = None) -> None:
         torch = _torch()
         self.panel = {"core": list(panel["core"]), "addon": list(panel["addon"])}
         parts = [partition] if isinstance(partition, str) else list(partition)
@@ -143,12 +149,15 @@ class TileStream:
         self.chunk_size = np.zeros(len(self.samples), np.int64)
         self._id_base = np.zeros(len(self.samples), np.int64)  # tile_id of (s, i) = _ids[_id_base[s] + i]
         id_parts = []
+        rows_of = split.groupby(split["sample_id"].astype(str), sort=False).indices  # one pass, not one per sample
+        index_all = split["index"].to_numpy(np.int64)
+        tile_all = split["tile_id"].astype(str).to_numpy(object)
         for si, s in enumerate(self.samples):
-            df = split[split["sample_id"].astype(str) == s]
-            raw = df["index"].to_numpy(np.int64)
+            rows = rows_of[s]
+            raw = index_all[rows]
             idx = np.sort(raw)
             ids = np.empty(int(idx[-1]) + 1, object)
-            ids[raw] = df["tile_id"].astype(str).to_numpy(object)
+            ids[raw] = tile_all[rows]
             self._id_base[si] = sum(len(x) for x in id_parts)
             id_parts.append(ids)
             C = SampleStore(self.stores[s]).chunk_tiles
@@ -158,6 +167,16 @@ class TileStream:
                 self.chunks.append((si, int(c), idx[ck == c]))
         self._ids = np.concatenate(id_parts)
         self.n_tiles = int(sum(len(c[2]) for c in self.chunks))
+        # cached features: field -> per-sample store (list indexed like self.samples), width per field
+        self.features: dict[str, list[Path]] = {}
+        self.feature_dims: dict[str, int] = {}
+        if features:
+            from morphomol.data.features import check_feature_stores
+
+            need = {s: len(id_parts[si]) for si, s in enumerate(self.samples)}  # max index + 1
+            for name, per_sample in features.items():
+                self.feature_dims[str(name)] = check_feature_stores(per_sample, need)
+                self.features[str(name)] = [Path(per_sample[s]) for s in self.samples]
         if buffer_batches > 0:  # at least `buffer_batches` batches in the shuffle buffer
             need = -(-int(buffer_batches) * self.batch_size // int(self.chunk_size.min()))
             self.buffer_chunks = max(self.buffer_chunks, need)
@@ -279,17 +298,16 @@ class TileLoader:
         return iter(self.loader)
 
 
-def make_loader(split: pd.DataFrame | str | Path, panel: Mapping[str, Any], stores: Mapping[str, StorePaths],
+def make_loader(split: pd.DataFrame, panel: Mapping[str, Any], stores: Mapping[str, StorePaths],
                 partition: str | Sequence[str], *, batch_size: int = 256, shuffle: bool = True, seed: int = 0,
                 num_workers: int = 0, buffer_chunks: int = 8, drop_last: bool = False, token_format: str = "dense",
                 images: bool = True, tokens: bool = True, pin_memory: bool = False,
-                buffer_batches: int = 0) -> TileLoader:
-    """Loader over one partition ("fit", "val", "test" or a list) of a split (table or
-    ``splits/fold{k}.parquet``), reading the given per-sample stores. Shuffle is deterministic in
-    (seed, epoch)."""
-    if not isinstance(split, pd.DataFrame):
-        split = read_split(split)
+                buffer_batches: int = 0, features: Mapping[str, Mapping[str, str | Path]] | None = None) -> TileLoader:
+    """Loader over one partition ("fit", "val", "test" or a list) of a unit-level split (the table
+    :func:`morphomol.data.folds.unit_split` builds from the fold table), reading the given per-sample
+    stores (and ``features``: field -> sample -> features zarr). Shuffle is deterministic in (seed, epoch)."""
+    split = check_split_table(split)
     ds = TileStream(split, panel, stores, partition, batch_size=batch_size, shuffle=shuffle, seed=seed,
                     buffer_chunks=buffer_chunks, drop_last=drop_last, token_format=token_format, images=images,
-                    tokens=tokens, buffer_batches=buffer_batches)
+                    tokens=tokens, buffer_batches=buffer_batches, features=features)
     return TileLoader(ds, num_workers=num_workers, pin_memory=pin_memory)

@@ -191,3 +191,22 @@ def load_tile_arrays(split: pd.DataFrame, panel: Mapping[str, Any], stores: Mapp
                       np.concatenate(core), np.concatenate(tgt), list(panel["core"]), list(panel["addon"]))
 
 
+
+
+def token_store_unit_ids(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(unit ids, store rows) of a sample's ``tokens.zarr``: its ``n_tiles`` rows named by the tile-id contract
+    (:func:`morphomol.tiling.tile_ids` with the store's ``sample`` attribute); reads only attributes / indptr."""
+    from morphomol.data.features import open_zarr_group
+    from morphomol.tiling import tile_ids
+
+    p = Path(path)
+    if not p.exists():
+        raise InputError("token store not found", file=p, expected="tokens.zarr written by the tokens rule")
+    g = open_zarr_group(p)
+    sample = g.attrs.get("sample")
+    if not sample:
+        raise InputError("token store has no 'sample' attribute", file=p, field="sample",
+                         expected="tokens.zarr written by the tokens rule")
+    n = g.attrs.get("n_tiles")
+    n = int(n) if n is not None else int(g["indptr"].shape[0]) - 1
+    return np.asarray(tile_ids(str(sample), n)), np.arange(n, dtype=np.int64)

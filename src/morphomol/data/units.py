@@ -126,3 +126,30 @@ def unit_counts(path: str | Path, genes: Sequence[str], rows: np.ndarray | None 
     X = X.toarray() if hasattr(X, "toarray") else np.asarray(X)
     X = np.asarray(X, dtype=np.float64)
     return X if rows is None else X[np.asarray(rows, dtype=np.int64)]
+
+
+def count_units(path: str | Path) -> int:
+    """Number of units of ``units.h5ad`` (reads only the length of the obs index)."""
+    import h5py
+
+    p = Path(path)
+    if not p.exists():
+        raise InputError("unit table not found", file=p, expected="units.h5ad written by the pipeline")
+    try:
+        with h5py.File(p, "r") as f:
+            obs = f["obs"]
+            return int(obs[obs.attrs["_index"]].shape[0])
+    except Exception as exc:  # h5py raises several types for damaged files
+        raise InputError(f"cannot read unit table ({type(exc).__name__}: {exc})", file=p) from None
+
+
+def unit_ids(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(unit ids as str, row ``index`` in the sample's stores) of ``units.h5ad``, without reading X."""
+    a = read_units(path, backed=True)
+    try:
+        obs = a.obs
+        ids = obs.index.astype(str).to_numpy()
+        index = obs["index"].to_numpy(np.int64) if "index" in obs.columns else np.arange(len(obs), dtype=np.int64)
+    finally:
+        a.file.close()
+    return ids, index

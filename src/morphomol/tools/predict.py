@@ -66,7 +66,6 @@ def predict_fusion(run_dir: str | Path, samples: Sequence[NewSample], *, device:
     import torch
 
     from morphomol.config import ModelConfig, typed
-    from morphomol.data.features import feature_rows
     from morphomol.data.stores import StorePaths
     from morphomol.data.units import read_units
     from morphomol.models.vit import ViTEncoder
@@ -107,12 +106,14 @@ def predict_fusion(run_dir: str | Path, samples: Sequence[NewSample], *, device:
     panel = {"core": core, "addon": addon if measured else []}
     ds: Any = StoreSplit(split, panel, stores, "test")
     feats: dict[str, np.ndarray] = {}
+    cached: list[str] = []
     for key, enc in (("morph_feat", setting.morph_cache), ("expr_feat", setting.expr_cache)):
         if enc is None:
             continue
         paths = {s.sample: s.features[enc] for s in samples if enc in s.features}
         if len(paths) == len(samples):
-            feats[key] = feature_rows(paths, ds.tile_ids)
+            ds.with_features(key, paths)  # read per chunk with the tiles, never all rows at once
+            cached.append(key)
         elif enc == IN_MODEL_ENCODER and meta.get("features", {}).get(enc) == "computed":
             torch.manual_seed(int(meta.get("seed", 0)))  # the same frozen random ViT the run computed them with
             feats[key] = frozen_vit_features(ViTEncoder(model_cfg.vit, meta.get("vit_weights")), ds, batch_size, dev)
@@ -122,7 +123,7 @@ def predict_fusion(run_dir: str | Path, samples: Sequence[NewSample], *, device:
                              field=f"features/{enc}", expected="the features rule run for the new samples")
     if feats:
         ds = WithFeatures(ds, feats)
-    fields = [f for f in setting.batch_fields if f != "target" or measured] + list(feats)
+    fields = [f for f in setting.batch_fields if f != "target" or measured] + cached + list(feats)
     ids_out, ys, yhs = [], [], []
     with torch.no_grad():
         batches = ds.epoch(0, batch_size=batch_size, fields=fields, shuffle=False)

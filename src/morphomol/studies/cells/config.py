@@ -96,6 +96,7 @@ class CellsBaselinesConfig:
     knn_pcs: int = 50
     lr_c: float = 1.0
     lr_max_iter: int = 2000
+    max_reference: int = 50000
 
 
 @dataclass(frozen=True)

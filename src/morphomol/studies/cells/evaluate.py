@@ -35,7 +35,7 @@ from morphomol.studies.cells.examples import (
     token_losses,
     tokenize_responses,
 )
-from morphomol.studies.cells.folds import eval_subset, read_fold
+from morphomol.studies.cells.folds import FoldSentences, eval_subset, read_fold
 from morphomol.studies.cells.labels import LabelMap
 from morphomol.studies.cells.metrics import PARTITIONS, UNPARSED, classification_metrics, results_table
 from morphomol.studies.cells.prompts import enabled_tasks, load_templates
@@ -133,13 +133,15 @@ def evaluate_fold(inputs: EvalInputs, out_predictions: str | Path, out_metrics: 
     """Rule entry (``cells_eval``): predictions (``tile_id, partition, task, mode, label, pred, text``) and
     metrics per (partition, task, mode) of the tuned (``adapter``) or untuned model on one fold."""
     with run_context(runtime) as device:
-        table, meta = read_fold(inputs.fold_table, inputs.fold_meta)
+        table, meta = read_fold(inputs.fold_table, inputs.fold_meta, columns=["n_sentence_genes"])
+        sentences = FoldSentences(inputs.fold_table)  # read by row group on demand, not the cohort's text at once
         lm = LabelMap.read(inputs.label_map)
         tasks = eval_tasks(cfg, table)
         templates = load_templates(inputs.templates, tasks)
         pred = load_predictor(inputs.base_model, inputs.adapter, cfg, meta["labels"], lm, device)
         patches = PatchSource(inputs.image_stores) if inputs.image_stores else None
-        fx = FoldExamples(table, templates, organism=cfg.organism, image_placeholder=pred.chat.image, patches=patches)
+        fx = FoldExamples(table, templates, organism=cfg.organism, image_placeholder=pred.chat.image, patches=patches,
+                          sentences=sentences)
         rows, timing = [], {m: [0.0, 0] for m in cfg.eval.modes}
         for part in PARTITIONS:
             cells = eval_subset(table, part, cfg.eval.max_cells, runtime.seed)

@@ -77,16 +77,23 @@ class PatchSource:
 
 
 class FoldExamples:
-    """Builds examples from a fold table (``label, sentence, n_sentence_genes, has_image, sample_id, index``)."""
+    """Builds examples from a fold table (``label, sentence, n_sentence_genes, has_image, sample_id, index``).
+    ``sentences``: the sentences by row when the table was read without them (a
+    :class:`~morphomol.studies.cells.folds.FoldSentences`, read by row group on demand)."""
 
     def __init__(self, table: pd.DataFrame, templates: Mapping[str, Sequence[Template]], *, organism: str,
-                 image_placeholder: str, patches: PatchSource | None) -> None:
+                 image_placeholder: str, patches: PatchSource | None, sentences: Sequence[str] | None = None) -> None:
         self.t = table.reset_index(drop=True)
         self.templates = templates
         self.organism = organism
         self.image_placeholder = image_placeholder
         self.patches = patches
-        self._sent = self.t["sentence"].astype(str).tolist()
+        if sentences is None:
+            sentences = self.t["sentence"].astype(str).tolist()
+        elif len(sentences) != len(self.t):
+            raise InputError(f"{len(sentences)} sentences for {len(self.t)} cells", field="sentence",
+                             expected="the sentences of this fold table")
+        self._sent = sentences
         self._ng = self.t["n_sentence_genes"].to_numpy(int)
         self._lab = self.t["label"].astype(str).tolist()
         self._img = self.t["has_image"].to_numpy(bool)

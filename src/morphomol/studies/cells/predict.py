@@ -43,7 +43,7 @@ def predict_cells(*, h5ad: str | Path, adapter: str | Path, out: str | Path, mod
     from morphomol.studies.cells.labels import LabelMap
     from morphomol.studies.cells.labels import label_key as key_of
     from morphomol.studies.cells.prompts import load_templates
-    from morphomol.studies.cells.sentences import cell_sentences, log_normalise
+    from morphomol.studies.cells.sentences import log_normalise, sentence_strings
     from morphomol.train.runtime import Runtime, run_context
     from morphomol.util.atomic import atomic_path
 
@@ -67,10 +67,9 @@ def predict_cells(*, h5ad: str | Path, adapter: str | Path, out: str | Path, mod
         log.warning("%d of %d training HVGs are not in %s (treated as not expressed)", len(info["hvg"]) - len(hvg),
                     len(info["hvg"]), h5ad)
     Xl = log_normalise(X, info["values"])[:, [pos[g] for g in hvg]]
-    sent = cell_sentences(Xl, hvg, int(info["n_genes"]))
+    sent, n_sent = sentence_strings(Xl, hvg, int(info["n_genes"]))
     table = pd.DataFrame({"tile_id": a.obs_names.astype(str), "sample_id": "new", "index": np.arange(a.n_obs),
-                          "label": "", "has_image": False, "sentence": [" ".join(s) for s in sent],
-                          "n_sentence_genes": [len(s) for s in sent]})
+                          "label": "", "has_image": False, "sentence": sent.to_pylist(), "n_sentence_genes": n_sent})
     cfg = build(CellsConfig, {"eval": {"batch_size": batch_size}})
     lm = LabelMap(labels=tuple(info["labels"]), lookup={key_of(k): k for k in info["labels"]})
     with run_context(Runtime(seed=0, threads=threads, device=device)) as dev:

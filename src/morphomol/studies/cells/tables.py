@@ -130,6 +130,17 @@ def ladder(preds: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     return df, notes
 
 
+def reference_notes(baselines: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Where a fold's kNN reference or image-baseline training set was a bounded subsample of the fit cells
+    (``cells.baselines.max_reference``), the sizes used (nothing when every fit cell was used)."""
+    knn = [(int(m["knn_reference"]), int(m["n_fit"])) for m in baselines if "knn_reference" in m]
+    if not any(r < n for r, n in knn):
+        return []
+    cap = max(int(m.get("max_reference", 0)) for m in baselines)
+    return [f"kNN reference and image-baseline training cells: a seeded subsample of at most {cap:,} fit cells per "
+            f"fold (kNN references {', '.join(f'{r:,} of {n:,}' for r, n in knn)})."]
+
+
 def modality_matrix(preds: pd.DataFrame) -> pd.DataFrame:
     """Test cells with an H&E patch: genes only / image only / both, tuned LLM (both modes) and the
     logistic-regression counterpart on the same cells."""
@@ -191,13 +202,15 @@ def make_tables(*, metrics: Mapping[str, Sequence[str | Path]], predictions: Map
                   Column("n_val", "n (val)", align="r")], out["table_csv"], out["table_md"], out["table_tex"],
            title=f"Cell type from expression ({cohort}, {len(labels)} types)", label="tab:cells", notes=notes)
     lad, honest = ladder(preds)
+    evals = {m: [read_json(p, "metrics") for p in ps] for m, ps in metrics.items()}
     _write(lad, [Column("model", "Method"), Column("accuracy", "Accuracy", "accuracy", "r"),
                  Column("macro_f1", "Macro-F1", "macro_f1", "r"),
                  Column("balanced_accuracy", "Balanced accuracy", "balanced_accuracy", "r"),
                  Column("delta_vs_logreg", "Δ accuracy vs LR", align="r"), Column("n", "n", align="r")],
            out["ladder_csv"], out["ladder_md"], out["ladder_tex"], title=f"Baseline ladder, test cells ({cohort})",
            label="tab:cells-ladder", notes=honest + ["Same donor-grouped folds and the same test cells for every "
-                                                     "method; mean ± sd over folds."])
+                                                     "method; mean ± sd over folds."]
+           + reference_notes(evals.get("baselines", [])))
     mod = modality_matrix(preds)
     _write(mod, [Column("modality", "Input"), Column("llm_score", "Tuned LLM (scoring)", align="r"),
                  Column("llm_generate", "Tuned LLM (generation)", align="r"),
@@ -210,7 +223,6 @@ def make_tables(*, metrics: Mapping[str, Sequence[str | Path]], predictions: Map
     write_csv(out["per_class"], f1)
     write_csv(out["confusion"], conf)
     trains = [read_json(t, "train metrics") for t in train]
-    evals = {m: [read_json(p, "metrics") for p in ps] for m, ps in metrics.items()}
     summary = {"cohort": cohort, "labels": labels, "honest": honest,
                "seed_table": seed.drop(columns=[c for c in ("test_accuracy", "val_accuracy") if c in seed])
                                  .to_dict("records"),

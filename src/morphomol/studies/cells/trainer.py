@@ -42,7 +42,7 @@ from morphomol.studies.cells.examples import (
     tokenize_responses,
     validation_set,
 )
-from morphomol.studies.cells.folds import read_fold
+from morphomol.studies.cells.folds import FoldSentences, read_fold
 from morphomol.studies.cells.prompts import load_templates
 from morphomol.train.loop import learning_rate
 from morphomol.train.resume import (
@@ -151,13 +151,15 @@ def train_fold(inputs: TrainInputs, outputs: TrainOutputs, *, cfg: CellsConfig, 
     with run_context(runtime) as device:
         if world > 1 and device.type == "cuda":
             device = torch.device("cuda", torch.cuda.current_device())
-        table, meta = read_fold(inputs.fold_table, inputs.fold_meta)
+        table, meta = read_fold(inputs.fold_table, inputs.fold_meta, columns=["n_sentence_genes"])
+        sentences = FoldSentences(inputs.fold_table)  # read by row group on demand, not the cohort's text at once
         processor, chat = load_processor(inputs.base_model)
         sampler = TaskSampler(table, cfg.tasks, {}, seed=runtime.seed, steps=t_cfg.steps)
         templates = load_templates(inputs.templates, sampler.tasks)
         sampler.n_templates = {t: len(v) for t, v in templates.items()}
         patches = PatchSource(inputs.image_stores) if inputs.image_stores else None
-        fx = FoldExamples(table, templates, organism=cfg.organism, image_placeholder=chat.image, patches=patches)
+        fx = FoldExamples(table, templates, organism=cfg.organism, image_placeholder=chat.image, patches=patches,
+                          sentences=sentences)
         batcher = _Batcher(processor, chat, fx, t_cfg.max_length)
         val_draws = validation_set(table, sampler.tasks, t_cfg.val_examples, runtime.seed)
 

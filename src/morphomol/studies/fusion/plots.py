@@ -274,6 +274,27 @@ def _spatial_maps(preds: pd.DataFrame, gene: str, best: str, out_dir: Path, *, t
     return written
 
 
+def read_gene_predictions(paths: Sequence[str | Path], genes: Sequence[str]) -> pd.DataFrame:
+    """``tile_id, gene, y, y_hat`` rows of ``genes`` only, of several ``predictions.parquet`` (concatenated in
+    order, each file's rows in its order: the rows :func:`read_predictions` gives for these genes), read
+    through a pyarrow filter (memory: the kept rows)."""
+    import pyarrow.parquet as pq
+
+    from morphomol.data.runs import PREDICTION_COLUMNS
+
+    parts = []
+    for p in paths:
+        try:
+            t = pq.read_table(p, columns=list(PREDICTION_COLUMNS), filters=[("gene", "in", sorted(set(genes)))])
+        except Exception as exc:
+            raise InputError(f"cannot read predictions ({exc})", file=p,
+                             expected="columns tile_id, gene, y, y_hat") from None
+        parts.append(t.to_pandas())
+    if not parts:
+        return read_predictions([])
+    return pd.concat(parts, ignore_index=True)
+
+
 def make_plots(
     out_dir: str | Path,
     *,
@@ -322,9 +343,11 @@ def make_plots(
     preds = read_predictions([])
     if best is not None and pg is not None:
         best_genes = pg[pg["setting"] == best].set_index("gene")["spearman_mean"]
-        preds = read_predictions(predictions.get(best) or [])
-        if len(best_genes.dropna()) and len(preds):
+        if len(best_genes.dropna()):
             picks = select_genes(best_genes)
+            # only the rows of the drawn genes (all test folds): tiles x 4 genes, not tiles x every target
+            preds = read_gene_predictions(predictions.get(best) or [], [*picks.values(), *([gene] if gene else [])])
+        if len(best_genes.dropna()) and len(preds):
             written.append(plot_pred_vs_measured(preds, picks, out_dir / "pred_vs_measured.png",
                                                  title=f"{best}: best / median / worst gene (all test folds)"))
             gene = gene or picks["best"]

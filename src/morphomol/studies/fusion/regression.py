@@ -2,8 +2,9 @@
 
 The head's bias starts at the fit-set target mean (log1p), the model is fitted by the shared loop
 (:func:`morphomol.train.loop.fit`, MSE on log1p targets, early stopping on validation MSE), then the
-best weights predict the test partition once. Writes metrics.json, predictions.parquet and the
-checkpoint (safetensors + JSON).
+best weights predict the test partition once. Writes metrics.json, predictions.parquet (one row group
+per sample, column ``sample_id``) and the checkpoint (safetensors + JSON). Memory: the model, the loader's
+chunk buffers and the test predictions of the fold; the fit-target mean is streamed.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from morphomol.config.sections import ModelConfig, TrainingConfig
-from morphomol.data.runs import write_metrics, write_predictions
+from morphomol.data.runs import sample_ids_of, write_metrics, write_predictions
 from morphomol.errors import InputError
 from morphomol.eval.metrics import per_gene_metrics, regression_report, summarize
 from morphomol.models.vit import ViTEncoder
-from morphomol.studies.fusion.data import FoldData, FoldInputs, attach_features
+from morphomol.studies.fusion.data import FoldData, FoldInputs, attach_features, target_mean
 from morphomol.studies.fusion.models import build_model
 from morphomol.studies.fusion.settings import IN_MODEL_ENCODER, ModelSetting
 from morphomol.train import ddp
@@ -28,7 +29,6 @@ from morphomol.train.checkpoint import RunOutputs, as_outputs, save_checkpoint
 from morphomol.train.loop import finish, fit, predict
 from morphomol.train.resume import fingerprint
 from morphomol.train.runtime import Runtime, loader_threads, run_context
-from morphomol.train.sources import gather
 from morphomol.util.hashing import ids_digest, sha256_path
 from morphomol.util.logs import get_logger
 
@@ -97,9 +97,9 @@ def train_setting(
                           morph_dim=morph_dim, expr_dim=expr_dim).to(device)
         # start the head at the fit-set target mean (log1p space) instead of 0: the first epochs
         # then learn structure rather than the offset (matters for short runs; deterministic)
-        target_mean = gather(splits["fit"], ["target"])["target"].mean(axis=0)
+        # (streamed: one batch at a time, equal to the mean of the gathered fit targets)
         with torch.no_grad():
-            net.head.bias.copy_(torch.from_numpy(target_mean))
+            net.head.bias.copy_(torch.from_numpy(target_mean(splits["fit"])))
         if device.type == "cuda":
             net = net.to(memory_format=torch.channels_last)
         counts = net.param_counts()
@@ -146,7 +146,8 @@ def train_setting(
     if outs.checkpoint is not None:
         save_checkpoint(net, outs.checkpoint, outs.checkpoint_meta or outs.checkpoint.with_suffix(".json"), meta)
     if outs.predictions is not None:
-        write_predictions(outs.predictions, ids, data.addon_genes, y, y_hat)
+        # one row group per sample (column sample_id): per-sample readers read only their rows
+        write_predictions(outs.predictions, ids, data.addon_genes, y, y_hat, sample_ids=sample_ids_of(ids))
     write_metrics(outs.metrics, metrics)
     finish(outs.work_dir)
     log.info("%s fold %d: test pearson %.4f spearman %.4f mse %.4f (best epoch %d of %d)", s.name, fold,

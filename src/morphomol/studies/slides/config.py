@@ -30,6 +30,7 @@ class GeneSetsConfig:
     n_null: int = 10
     weight: float = 0.25
     grounded: tuple[str, ...] = ()
+    chunk_samples: int = 256
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,7 @@
-"""Frozen embeddings the alignment module reads: slide inputs from the feature cache, RNA encoders.
+"""The frozen encoders of the alignment: RNA encoders and the optional slide PCA.
 
-Slide side (rows = slides, in a given order): :func:`slide_inputs` reads each slide's tile features
-(``features/{encoder}/{sample}.zarr``, rows = the slide's tiles) and returns the mean-pooled vector
-(``slide``) and, for bag encoders, a padded bag (``bag`` (N, T, D), ``mask`` (N, T)) of at most
-``max_tiles`` tiles per slide (a seeded subset when a slide has more).
+Slide side: the inputs are the per-slide embeddings (:mod:`morphomol.studies.slides.bank`: mean vectors,
+bags read per batch); :class:`SlidePca` reduces them with axes fit on the training slides.
 
 RNA side (fit on the training split only, then applied to every slide and to prompt profiles):
 
@@ -21,7 +19,6 @@ RNA side (fit on the training split only, then applied to every slide and to pro
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,39 +27,6 @@ from morphomol.errors import InputError
 from morphomol.util.logs import get_logger
 
 log = get_logger("slides.embed")
-
-
-def slide_inputs(features: Mapping[str, str | Path], samples: Sequence[str], *, bag: bool, max_tiles: int,
-                 seed: int = 0) -> dict[str, np.ndarray]:
-    """``{"slide": (N, D)}`` (+ ``bag``, ``mask`` when ``bag``) for ``samples`` in order; reads their features."""
-    from morphomol.data.features import read_features
-
-    feats = []
-    for s in samples:
-        if s not in features:
-            raise InputError(f"no features for slide {s}", field="features", expected="a features store per slide")
-        f, _ = read_features(features[s])
-        if len(f) == 0:
-            raise InputError(f"slide {s} has no tiles in its features store", file=features[s], field="features")
-        feats.append(np.asarray(f, np.float32))
-    dims = {f.shape[1] for f in feats}
-    if len(dims) != 1:
-        raise InputError(f"feature stores of different dimensions {sorted(dims)}", field="features",
-                         expected="one encoder for every slide")
-    out = {"slide": np.stack([f.mean(axis=0) for f in feats]).astype(np.float32)}
-    if bag:
-        t = min(max_tiles, max(len(f) for f in feats))
-        d = feats[0].shape[1]
-        B = np.zeros((len(feats), t, d), np.float32)
-        M = np.zeros((len(feats), t), bool)
-        for i, (s, f) in enumerate(zip(samples, feats, strict=True)):
-            if len(f) > t:
-                rng = np.random.default_rng([int(seed), *str(s).encode()])
-                f = f[np.sort(rng.choice(len(f), size=t, replace=False))]
-            B[i, :len(f)] = f
-            M[i, :len(f)] = True
-        out["bag"], out["mask"] = B, M
-    return out
 
 
 class PcaRna:
@@ -78,10 +42,20 @@ class PcaRna:
         self.scale = 1.0
 
     def fit(self, L: np.ndarray, genes: Sequence[str]) -> PcaRna:
+        """Fit on an in-memory (n, G) log2 matrix of the training slides."""
         L = np.asarray(L, np.float64)
-        var = L.var(axis=0)
+        return self._fit(L.mean(axis=0), L.var(axis=0), genes, lambda idx: L[:, idx])
+
+    def fit_matrix(self, expr: Any, rows: np.ndarray) -> PcaRna:
+        """Fit on rows ``rows`` of an :class:`~morphomol.studies.slides.rna.ExpressionMatrix`: gene means and
+        variances streamed over those rows (the same numbers as in memory), then only the selected genes read."""
+        mean, var = expr.row_stats(rows)
+        # column-major, like ``L[:, idx]`` in memory: the same reductions and products, bit for bit
+        return self._fit(mean, var, expr.genes, lambda idx: np.asfortranarray(expr.read(rows, cols=idx)))
+
+    def _fit(self, mean: np.ndarray, var: np.ndarray, genes: Sequence[str], columns: Any) -> PcaRna:
         order = np.argsort(-var, kind="stable")
-        order = order[(var[order] > 0) & (L.mean(axis=0)[order] >= self.min_mean)]
+        order = order[(var[order] > 0) & (mean[order] >= self.min_mean)]
         if self.n_genes:
             order = order[:self.n_genes]
         if len(order) == 0:
@@ -89,7 +63,7 @@ class PcaRna:
                              field="slides.pca_min_mean", expected="a lower threshold")
         self.idx = np.sort(order)
         self.genes = [str(genes[i]) for i in self.idx]
-        X = L[:, self.idx]
+        X = np.asarray(columns(self.idx), np.float64)
         self.mean, self.sd = X.mean(axis=0), X.std(axis=0) + 1e-6
         Z = (X - self.mean) / self.sd
         _, S, Vt = np.linalg.svd(Z, full_matrices=False)
@@ -105,7 +79,14 @@ class PcaRna:
         return int(self.components.shape[0])
 
     def transform(self, L: np.ndarray) -> np.ndarray:
-        Z = (np.asarray(L, np.float64)[:, self.idx] - self.mean) / self.sd
+        return self._project(np.asarray(L, np.float64)[:, self.idx])
+
+    def transform_matrix(self, expr: Any) -> np.ndarray:
+        """Every row of an ExpressionMatrix (only the PCA's genes are read)."""
+        return self._project(np.asfortranarray(expr.read(np.arange(expr.n_samples), cols=self.idx)))
+
+    def _project(self, X: np.ndarray) -> np.ndarray:
+        Z = (X - self.mean) / self.sd
         return (Z @ self.components.T / self.scale).astype(np.float32)
 
     def state(self) -> dict[str, np.ndarray]:
@@ -131,10 +112,13 @@ class RegistryRna:
         self.genes: list[str] = []
         self.batch_size = int(batch_size)
 
-    def fit(self, L: np.ndarray, genes: Sequence[str]) -> RegistryRna:
+    def fit(self, L: np.ndarray | None, genes: Sequence[str]) -> RegistryRna:
         self.genes = [str(g) for g in genes]
         self.encoder.set_genes(self.genes)  # type: ignore[operator]
         return self
+
+    def fit_matrix(self, expr: Any, rows: np.ndarray) -> RegistryRna:
+        return self.fit(None, expr.genes)
 
     @property
     def dim(self) -> int:
@@ -150,6 +134,12 @@ class RegistryRna:
                 out.append(self.encoder(torch.from_numpy(lin[a:a + self.batch_size].astype(np.float32))).float().numpy())
         return np.concatenate(out).astype(np.float32)
 
+    def transform_matrix(self, expr: Any) -> np.ndarray:
+        """Every row of an ExpressionMatrix, read in blocks of whole encoder batches."""
+        block = self.batch_size * max(1, 1024 // self.batch_size)
+        rows = np.arange(expr.n_samples)
+        return np.concatenate([self.transform(expr.read(rows[a:a + block])) for a in range(0, len(rows), block)])
+
     def state(self) -> dict[str, np.ndarray]:
         return {}
 
@@ -163,16 +153,28 @@ def make_rna_encoder(name: str, *, n_components: int, n_genes: int, min_mean: fl
 
 class SlidePca:
     """Optional PCA of the frozen slide inputs (``slides.slide_pca_components``), fit on the training
-    slides (their vectors, or the real tiles of their bags): standardised with training means/SDs and
-    projected on the first principal axes. With few training slides it keeps the projection heads from
-    fitting noise in a wide tile-feature space (the slide-side counterpart of the RNA PCA)."""
+    slides: standardised with training means/SDs and projected on the first principal axes. With few
+    training slides it keeps the projection heads from fitting noise in a wide tile-feature space (the
+    slide-side counterpart of the RNA PCA).
+
+    * slide vectors (N x D, the cohort's summary): SVD of the standardised training vectors;
+    * bags: the real tiles of the training slides' bags are not stacked: their mean and D x D covariance are
+      accumulated in blocks (float64 sums, :func:`~morphomol.studies.slides.bank.tile_covariance`) and the
+      axes are the leading eigenvectors of the correlation-scaled covariance (the right singular vectors of
+      the standardised tile matrix), each signed so that its largest loading is positive. Only when the
+      training tiles are few (at most ``SVD_MAX_VALUES`` numbers, 32 MB as float64: small cohorts such as the
+      demo's) are they stacked and decomposed by SVD as the vectors are: the same axes up to their signs —
+      and the signs, arbitrary in both methods, steer the ABMIL's training from its fixed initialisation, so
+      small cohorts keep the numbers they had."""
+
+    #: training tiles x dimensions up to which bag tiles are stacked and decomposed by SVD (see the class doc)
+    SVD_MAX_VALUES = 4_000_000
 
     def __init__(self, n_components: int) -> None:
         self.n_components = int(n_components)
         self.mean = self.sd = self.components = np.zeros(0)
 
-    def fit(self, arrays: Mapping[str, np.ndarray], rows: np.ndarray) -> SlidePca:
-        X = arrays["bag"][rows][arrays["mask"][rows]] if "bag" in arrays else arrays["slide"][rows]
+    def fit_vectors(self, X: np.ndarray) -> SlidePca:
         X = np.asarray(X, np.float64)
         self.mean, self.sd = X.mean(axis=0), X.std(axis=0) + 1e-6
         _, S, Vt = np.linalg.svd((X - self.mean) / self.sd, full_matrices=False)
@@ -181,28 +183,47 @@ class SlidePca:
                  len(self.components), 100 * float((S[:len(self.components)] ** 2).sum() / max((S ** 2).sum(), 1e-12)))
         return self
 
-    def _project(self, X: np.ndarray) -> np.ndarray:
+    def fit_bags(self, bags: Any) -> SlidePca:
+        from morphomol.studies.slides.bank import tile_covariance
+
+        if bags.n_tiles() * bags.bank.dim <= self.SVD_MAX_VALUES:
+            return self.fit_vectors(np.concatenate([bags.bank.bag(r).astype(np.float32) for r in bags.rows]))
+        mean, cov, n = tile_covariance(bags)
+        self.mean, self.sd = mean, np.sqrt(np.maximum(np.diag(cov), 0.0)) + 1e-6
+        corr = cov / np.outer(self.sd, self.sd)
+        w, V = np.linalg.eigh((corr + corr.T) / 2.0)
+        order = np.argsort(-w, kind="stable")
+        w, V = np.maximum(w[order], 0.0), V[:, order]
+        k = min(self.n_components, len(w), n)
+        comps = V[:, :k].T.copy()
+        flip = comps[np.arange(k), np.argmax(np.abs(comps), axis=1)] < 0
+        comps[flip] *= -1.0
+        self.components = comps
+        log.info("slide PCA: %d tiles of %d slides, %d-d -> %d components (%.1f%% of the training variance; "
+                 "covariance accumulated in blocks)", n, len(bags), len(mean), k,
+                 100 * float(w[:k].sum() / max(w.sum(), 1e-12)))
+        return self
+
+    def project(self, X: np.ndarray) -> np.ndarray:
         return (((np.asarray(X, np.float64) - self.mean) / self.sd) @ self.components.T).astype(np.float32)
 
-    def transform(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = dict(arrays)
-        if "bag" in arrays:
-            B = arrays["bag"]
-            out["bag"] = self._project(B.reshape(-1, B.shape[-1])).reshape(B.shape[0], B.shape[1], -1)
-            out["bag"][~arrays["mask"]] = 0.0
-        else:
-            out["slide"] = self._project(arrays["slide"])
-        return out
+    @property
+    def dim(self) -> int:
+        return int(self.components.shape[0])
 
     def state(self) -> dict[str, np.ndarray]:
         return {"slide_pca.mean": self.mean.astype(np.float32), "slide_pca.sd": self.sd.astype(np.float32),
                 "slide_pca.components": self.components.astype(np.float32)}
 
 
-def reduce_slides(arrays: Mapping[str, np.ndarray], rows: np.ndarray, n_components: int
-                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(slide inputs through a training-split PCA, its state) — unchanged (and no state) when ``n_components`` is 0."""
+def reduce_slides(inputs: Any, rows: np.ndarray, n_components: int) -> tuple[Any, dict[str, np.ndarray]]:
+    """(slide inputs through a PCA fit on slides ``rows``, its state) — unchanged (and no state) when
+    ``n_components`` is 0. ``inputs``: :class:`~morphomol.studies.slides.data.SlideInputs`."""
     if not n_components:
-        return dict(arrays), {}
-    pca = SlidePca(n_components).fit(arrays, rows)
-    return pca.transform(arrays), pca.state()
+        return inputs, {}
+    pca = SlidePca(n_components)
+    if inputs.bags is not None:
+        pca.fit_bags(inputs.bags.subset(rows))
+        return inputs.replace(bags=inputs.bags.with_transform(pca.project, pca.dim)), pca.state()
+    pca.fit_vectors(inputs.slide[rows])
+    return inputs.replace(slide=pca.project(inputs.slide)), pca.state()

@@ -50,10 +50,15 @@ def soft_knn(z_query: np.ndarray, z_ref: np.ndarray, y_ref: np.ndarray, k: int, 
     return np.einsum("qk,qks->qs", w, np.asarray(y_ref, np.float64)[top])
 
 
-def prompt_profiles(L_train: np.ndarray, set_index: Sequence[np.ndarray], raise_sd: float) -> tuple[np.ndarray, np.ndarray]:
-    """(base profile (1, G), prompts (S, G)): the training mean with each set's genes raised by ``raise_sd`` SDs."""
-    mean = L_train.mean(axis=0)
-    sd = L_train.std(axis=0)
+def prompt_profiles(L_train: np.ndarray | tuple[np.ndarray, np.ndarray], set_index: Sequence[np.ndarray],
+                    raise_sd: float) -> tuple[np.ndarray, np.ndarray]:
+    """(base profile (1, G), prompts (S, G)): the training mean with each set's genes raised by ``raise_sd`` SDs.
+    ``L_train``: the training slides' (n, G) log2 expression, or its per-gene (mean, SD) already computed."""
+    if isinstance(L_train, tuple):
+        mean, sd = (np.asarray(v, np.float64) for v in L_train)
+    else:
+        mean = L_train.mean(axis=0)
+        sd = L_train.std(axis=0)
     prompts = np.repeat(mean[None, :], len(set_index), axis=0)
     for i, idx in enumerate(set_index):
         prompts[i, idx] += raise_sd * sd[idx]
@@ -90,7 +95,7 @@ def knn_predict(z_slide_test: np.ndarray, z_rna_ref: np.ndarray, y_ref: np.ndarr
     return soft_knn(z_slide_test, z_rna_ref, y_ref, k, temperature)
 
 
-def prompt_predict(embed_profiles: Callable[[np.ndarray], np.ndarray], L_train: np.ndarray,
+def prompt_predict(embed_profiles: Callable[[np.ndarray], np.ndarray], L_train: np.ndarray | tuple[np.ndarray, np.ndarray],
                    set_index: Sequence[np.ndarray], raise_sd: float, z_train: np.ndarray, y_train: np.ndarray,
                    z_test: np.ndarray) -> np.ndarray:
     """Direct prompting, calibrated on the training slides: (n_test, S) predicted scores.

@@ -11,7 +11,8 @@ and the score is the sum over the ranking of the difference between the weighted
 genes and the ECDF of the others — the definition of GSVA's ``method="ssgsea"`` with
 ``ssgsea.norm=FALSE``. We keep the raw ES (gseapy's ``NES`` divides every score by the range over
 the whole matrix, which couples samples and sets); each sample's score depends on its own profile
-only, so scoring the whole cohort at once leaks nothing across folds.
+only, so scoring the whole cohort leaks nothing across folds — and samples are scored in blocks of
+``gene_sets.chunk_samples`` (memory of one block, the same scores).
 
 Null sets (``NULL_SET_01`` ...): ``n_null`` random sets drawn uniformly from the matrix genes
 (seeded), their sizes spread over the real sets' sizes (size-matched), scored and predicted
@@ -154,6 +155,20 @@ def ssgsea(expr: pd.DataFrame, sets: Mapping[str, Sequence[str]], *, weight: flo
     return es.loc[[str(c) for c in expr.columns], list(sets)]
 
 
+def ssgsea_matrix(expr: Any, sets: Mapping[str, Sequence[str]], *, weight: float = 0.25,
+                  threads: int = 1) -> pd.DataFrame:
+    """:func:`ssgsea` of every sample of an :class:`~morphomol.studies.slides.rna.ExpressionMatrix`, scored
+    ``expr.chunk_rows`` samples at a time (each sample's score depends on its own profile only, so the scores
+    are those of the whole matrix at once; memory is one block's). Samples x sets, index ``sample_id``."""
+    parts = []
+    for pos, block in expr.blocks():
+        frame = pd.DataFrame(block.T, index=pd.Index(expr.genes), columns=pd.Index([expr.samples[i] for i in pos]))
+        parts.append(ssgsea(frame, sets, weight=weight, threads=threads))
+    scores = pd.concat(parts) if parts else pd.DataFrame(columns=list(sets), dtype=np.float64)
+    scores.index.name = "sample_id"
+    return scores
+
+
 def score_gene_sets(*, expression: str | Path, gmt: Sequence[str | Path], out_scores: str | Path,
                     out_sets: str | Path, out_coverage: str | Path, cfg: Any, seed: int = 0,
                     config_file: object = None) -> pd.DataFrame:
@@ -162,13 +177,13 @@ def score_gene_sets(*, expression: str | Path, gmt: Sequence[str | Path], out_sc
     ES; index ``sample_id``), ``sets.json`` (set -> genes used, null flag, size) and ``coverage.tsv``.
     ``cfg``: :class:`~morphomol.studies.slides.config.GeneSetsConfig`. Reads ``expression``
     (expression.h5ad of the ``slides_rna`` rule) and the GMT files."""
-    from morphomol.studies.slides.rna import read_expression
+    from morphomol.studies.slides.rna import ExpressionMatrix
     from morphomol.util.atomic import atomic_path
     from morphomol.util.jsonio import write_json
 
     t0 = time.perf_counter()
-    expr = read_expression(expression)
-    genes = list(expr.columns)
+    expr = ExpressionMatrix(expression, chunk_rows=cfg.chunk_samples)
+    genes = list(expr.genes)
     raw = read_gmts(list(gmt))
     matched, cov = match_sets(raw, genes, min_genes=cfg.min_genes, max_genes=cfg.max_genes,
                               file=config_file or (gmt[0] if gmt else None))
@@ -178,8 +193,7 @@ def score_gene_sets(*, expression: str | Path, gmt: Sequence[str | Path], out_sc
                          field="slides.gene_sets.grounded", expected="names of gene sets of the GMT files")
     nulls = null_sets([len(v) for v in matched.values()], genes, cfg.n_null, seed)
     all_sets = {**matched, **nulls}
-    scores = ssgsea(expr.T, all_sets, weight=cfg.weight)
-    scores.index.name = "sample_id"
+    scores = ssgsea_matrix(expr, all_sets, weight=cfg.weight)
     n = scores.size
     secs = time.perf_counter() - t0
     log.info("ssGSEA: %d sets (%d null) x %d samples over %d genes in %.1f s (%.0f set-samples/s)", len(all_sets),

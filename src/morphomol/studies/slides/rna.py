@@ -50,8 +50,7 @@ def read_matrix(path: str | Path) -> pd.DataFrame:
     name = p.name.lower().removesuffix(".gz")
     try:
         if name.endswith((".tsv", ".txt", ".tab", ".csv")):
-            sep = "," if name.endswith(".csv") else "\t"
-            df = pd.read_csv(p, sep=sep, index_col=0)
+            df = _read_text_matrix(p, "," if name.endswith(".csv") else "\t")
         elif name.endswith(".parquet"):
             df = pd.read_parquet(p)
             if isinstance(df.index, pd.RangeIndex) and df.shape[1] and not pd.api.types.is_numeric_dtype(df.iloc[:, 0]):
@@ -75,6 +74,22 @@ def read_matrix(path: str | Path) -> pd.DataFrame:
     return df
 
 
+def _read_text_matrix(p: Path, sep: str) -> pd.DataFrame:
+    """A delimited matrix with labels in the first column, numbers parsed as float32 (half the memory of
+    float64; counts are exact up to 2**24); a file with non-numeric cells is read as it is (the caller
+    reports them)."""
+    head = pd.read_csv(p, sep=sep, nrows=0)
+    cols = list(head.columns)
+    if len(cols) < 2:
+        return pd.read_csv(p, sep=sep, index_col=0)
+    dtype: dict[Any, Any] = {c: np.float32 for c in cols[1:]}
+    dtype[cols[0]] = str
+    try:
+        return pd.read_csv(p, sep=sep, index_col=0, dtype=dtype)
+    except (ValueError, TypeError):
+        return pd.read_csv(p, sep=sep, index_col=0)
+
+
 def orient(df: pd.DataFrame, rna_ids: Sequence[str], orientation: str, *, file: object = None) -> tuple[pd.DataFrame, str]:
     """(samples x genes, the orientation found). ``auto`` picks the axis holding more of ``rna_ids``."""
     ids = set(rna_ids)
@@ -91,44 +106,76 @@ def orient(df: pd.DataFrame, rna_ids: Sequence[str], orientation: str, *, file: 
 
 
 def check_values(X: np.ndarray, value_type: str, genes: Sequence[str], samples: Sequence[str], *,
-                 file: object = None) -> None:
-    """Raise when the numbers contradict the declared value type (the first offending cell is named)."""
+                 file: object = None, chunk_rows: int = 128) -> None:
+    """Raise when the numbers contradict the declared value type (the first offending cell, in row-major
+    order, is named). Checked in blocks of ``chunk_rows`` samples (temporaries of one block only)."""
     field, where = "slides.rna.value_type", lambda i, j: f"gene {genes[j]}, sample {samples[i]}"
-    if not np.isfinite(X).all():
-        i, j = np.argwhere(~np.isfinite(X))[0]
-        raise InputError(f"missing or non-finite value at {where(i, j)}", file=file, field="slides.rna.path",
+    blocks = [(a, X[a:a + chunk_rows]) for a in range(0, len(X), chunk_rows)]
+
+    def first(test: Any) -> tuple[int, int, int] | None:
+        """(row, column, cells in all) of the first cell where ``test(block)`` holds, or None."""
+        hit, total = None, 0
+        for a, b in blocks:
+            m = test(b)
+            c = int(np.count_nonzero(m))
+            if c and hit is None:
+                i, j = np.argwhere(m)[0]
+                hit = (a + int(i), int(j))
+            total += c
+        return None if hit is None else (*hit, total)
+
+    bad = first(lambda b: ~np.isfinite(b))
+    if bad:
+        raise InputError(f"missing or non-finite value at {where(bad[0], bad[1])}", file=file, field="slides.rna.path",
                          expected="a number in every cell")
-    if value_type in ("counts", "tpm") and (X < 0).any():
-        i, j = np.argwhere(X < 0)[0]
-        raise InputError(f"negative value {X[i, j]:g} at {where(i, j)} but value_type is '{value_type}'", file=file,
-                         field=field, expected="non-negative counts/TPM (or value_type: log for logged data)")
+    if value_type in ("counts", "tpm"):
+        bad = first(lambda b: b < 0)
+        if bad:
+            i, j, _ = bad
+            raise InputError(f"negative value {X[i, j]:g} at {where(i, j)} but value_type is '{value_type}'", file=file,
+                             field=field, expected="non-negative counts/TPM (or value_type: log for logged data)")
     if value_type == "counts":
-        frac = np.abs(X - np.round(X)) > 1e-6
-        if frac.any():
-            i, j = np.argwhere(frac)[0]
-            raise InputError(f"non-integer value {X[i, j]:g} at {where(i, j)} ({int(frac.sum())} cells) but value_type "
+        bad = first(lambda b: np.abs(b - np.round(b)) > 1e-6)
+        if bad:
+            i, j, n = bad
+            raise InputError(f"non-integer value {X[i, j]:g} at {where(i, j)} ({n} cells) but value_type "
                              "is 'counts'", file=file, field=field, expected="integer counts, or value_type tpm / log")
-    if value_type == "tpm" and X.size and X.max() <= 30 and (np.abs(X - np.round(X)) > 1e-6).mean() > 0.5:
-        raise InputError(f"values look log-transformed (maximum {X.max():.3g}) but value_type is 'tpm'", file=file,
-                         field=field, expected="TPM on the linear scale, or value_type: log")
+    vmax = max((float(b.max()) for _, b in blocks if b.size), default=0.0)
+    if value_type == "tpm" and X.size and vmax <= 30:
+        frac = sum(int(np.count_nonzero(np.abs(b - np.round(b)) > 1e-6)) for _, b in blocks) / X.size
+        if frac > 0.5:
+            raise InputError(f"values look log-transformed (maximum {vmax:.3g}) but value_type is 'tpm'", file=file,
+                             field=field, expected="TPM on the linear scale, or value_type: log")
     if value_type == "log":
-        if (X < -1e-6).any():
-            i, j = np.argwhere(X < -1e-6)[0]
+        bad = first(lambda b: b < -1e-6)
+        if bad:
+            i, j, _ = bad
             raise InputError(f"negative value {X[i, j]:g} at {where(i, j)} but value_type 'log' means log2(x + 1)",
                              file=file, field=field, expected="log2(CPM/TPM + 1) >= 0 (not z-scores), or counts / tpm")
-        if X.size and X.max() > 40:
-            raise InputError(f"values up to {X.max():.4g} are not on a log2(x + 1) scale but value_type is 'log'",
+        if X.size and vmax > 40:
+            raise InputError(f"values up to {vmax:.4g} are not on a log2(x + 1) scale but value_type is 'log'",
                              file=file, field=field, expected="value_type counts or tpm for linear-scale data")
 
 
 def to_log2(X: np.ndarray, value_type: str) -> np.ndarray:
-    """log2 expression (float64) of checked values of a value type (see the module doc)."""
+    """log2 expression (float64) of checked values of a value type (see the module doc). Rows (samples) are
+    transformed independently (counts: each by its own library size)."""
+    X = np.asarray(X, np.float64)
     if value_type == "counts":
         lib = X.sum(axis=1, keepdims=True)
         return np.log2(X / np.maximum(lib, 1.0) * 1e6 + 1.0)
     if value_type == "tpm":
         return np.log2(X + 1.0)
-    return X.astype(np.float64)
+    return X
+
+
+def to_log2_float32(X: np.ndarray, value_type: str, *, chunk_rows: int = 128) -> np.ndarray:
+    """:func:`to_log2` in blocks of samples, computed in float64 and stored as float32 (the values written to
+    ``expression.h5ad``): one float32 copy of the matrix plus one block of float64 temporaries."""
+    out = np.empty(X.shape, np.float32)
+    for a in range(0, len(X), chunk_rows):
+        out[a:a + chunk_rows] = to_log2(X[a:a + chunk_rows], value_type)
+    return out
 
 
 def match_samples(mat: pd.DataFrame, sheet: pd.DataFrame, *, file: object = None) -> pd.DataFrame:
@@ -199,26 +246,33 @@ def prepare_rna(*, sheet: Sequence[Mapping[str, Any]], out_expression: str | Pat
         source = {"pseudobulk_from": [str(u) for u in units], "orientation": "samples_x_genes"}
         value_type = "counts"
     mat = match_samples(raw, df, file=file)
+    del raw
     try:
-        X = mat.to_numpy(dtype=np.float64)
+        X = mat.to_numpy(dtype=np.float32)
     except (TypeError, ValueError):
         bad = [c for c in mat.columns if not pd.api.types.is_numeric_dtype(mat[c])][:5]
         raise InputError(f"non-numeric values in the RNA matrix (genes {', '.join(map(str, bad))})", file=file,
                          field="slides.rna.path", expected="numbers only, labels on the first row / column") from None
     genes, samples = [str(g) for g in mat.columns], list(mat.index)
+    del mat
     check_values(X, value_type, genes, samples, file=file)
-    L = to_log2(X, value_type)
-    expressed = (X > 0).mean(axis=0) >= cfg.min_fraction_expressed
+    n_expr = np.zeros(X.shape[1], np.int64)
+    for a in range(0, len(X), 128):
+        n_expr += np.count_nonzero(X[a:a + 128] > 0, axis=0)
+    expressed = n_expr / max(len(X), 1) >= cfg.min_fraction_expressed
     if not expressed.any():
         raise InputError("no gene passes slides.rna.min_fraction_expressed", file=file,
                          field="slides.rna.min_fraction_expressed", expected="a smaller fraction")
-    L, genes = L[:, expressed], [g for g, k in zip(genes, expressed, strict=True) if k]
+    L = to_log2_float32(X, value_type)
+    del X
+    if not expressed.all():
+        L, genes = L[:, expressed], [g for g, k in zip(genes, expressed, strict=True) if k]
     prep = {**source, "value_type": value_type, "transform": TRANSFORMS[value_type],
             "min_fraction_expressed": cfg.min_fraction_expressed, "n_genes_input": int(len(expressed)),
             "n_genes": len(genes), "n_samples": len(samples), "gene_order": "genes.txt (the columns of X, in order)"}
     obs = pd.DataFrame({"patient_id": df["patient_id"].astype(str).to_numpy(), "cohort": df["cohort"].astype(str).to_numpy(),
                         "rna_id": df["rna_id"].astype(str).to_numpy()}, index=pd.Index(samples, name="sample_id"))
-    a = ad.AnnData(X=L.astype(np.float32), obs=obs, var=pd.DataFrame(index=pd.Index(genes, name="gene")))
+    a = ad.AnnData(X=L, obs=obs, var=pd.DataFrame(index=pd.Index(genes, name="gene")))
     a.uns["preprocessing"] = {k: (v if not isinstance(v, list) else [str(x) for x in v]) for k, v in prep.items()}
     with atomic_path(out_expression) as tmp:
         a.write_h5ad(tmp)
@@ -231,11 +285,92 @@ def prepare_rna(*, sheet: Sequence[Mapping[str, Any]], out_expression: str | Pat
 
 
 def read_expression(path: str | Path) -> pd.DataFrame:
-    """samples x genes log2 expression of ``expression.h5ad`` (sheet order, genes in file order)."""
-    import anndata as ad
+    """samples x genes log2 expression of ``expression.h5ad`` (sheet order, genes in file order), in memory
+    (float64; small cohorts and tests — jobs read it through :class:`ExpressionMatrix`)."""
+    m = ExpressionMatrix(path)
+    return pd.DataFrame(m.read(np.arange(m.n_samples)), index=pd.Index(m.samples), columns=pd.Index(m.genes))
 
-    p = Path(path)
-    if not p.exists():
-        raise InputError("expression table not found", file=p, expected="expression.h5ad of the slides_rna rule")
-    a = ad.read_h5ad(p)
-    return pd.DataFrame(np.asarray(a.X, dtype=np.float64), index=a.obs_names.astype(str), columns=a.var_names.astype(str))
+
+class ExpressionMatrix:
+    """``expression.h5ad`` read by rows (samples) without loading the matrix: ``samples``, ``genes``, ``obs``
+    (sample metadata) in memory; ``X`` (N x G float32) read in blocks of ``chunk_rows`` samples and returned as
+    float64 (the values as stored). :meth:`row_stats` gives gene means / variances over any rows with exactly
+    the arithmetic of ``L[rows].mean(axis=0)`` / ``.var(axis=0)`` (rows added one after the other in the given
+    order), so streamed and in-memory fits agree to the last bit."""
+
+    def __init__(self, path: str | Path, chunk_rows: int = 32) -> None:
+        import anndata as ad
+        import h5py
+
+        self.path = Path(path)
+        if not self.path.exists():
+            raise InputError("expression table not found", file=self.path, expected="expression.h5ad of the slides_rna rule")
+        a = ad.read_h5ad(self.path, backed="r")
+        try:
+            self.obs = a.obs.copy()
+            self.samples = [str(s) for s in a.obs_names]
+            self.genes = [str(g) for g in a.var_names]
+        finally:
+            a.file.close()
+        with h5py.File(self.path, "r") as f:
+            x = f.get("X")
+            if not isinstance(x, h5py.Dataset) or x.ndim != 2:
+                raise InputError("X is not a dense matrix", file=self.path, field="X",
+                                 expected="expression.h5ad written by the slides_rna rule (dense float32 X)")
+            shape = tuple(int(v) for v in x.shape)
+        if shape != (len(self.samples), len(self.genes)):
+            raise InputError(f"X has shape {shape} for {len(self.samples)} samples x {len(self.genes)} genes",
+                             file=self.path, field="X")
+        self.chunk_rows = max(1, int(chunk_rows))
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.samples)
+
+    def blocks(self, rows: np.ndarray | None = None, cols: np.ndarray | None = None
+               ) -> Any:
+        """Yields ``(positions, block)``: ``block`` = float64 values of ``rows[positions]`` (all rows when None;
+        in the given order) and ``cols`` (all genes when None), ``chunk_rows`` rows at a time."""
+        import h5py
+
+        rows = np.arange(self.n_samples) if rows is None else np.asarray(rows, np.int64)
+        with h5py.File(self.path, "r") as f:
+            X = f["X"]
+            for a in range(0, len(rows), self.chunk_rows):
+                want = rows[a:a + self.chunk_rows]
+                uniq, inv = np.unique(want, return_inverse=True)
+                lo, hi = int(uniq[0]), int(uniq[-1]) + 1
+                if hi - lo <= 2 * len(uniq):
+                    block = X[lo:hi][uniq - lo]
+                else:
+                    block = X[uniq.tolist()]
+                block = np.asarray(block, np.float64)
+                if cols is not None:
+                    block = block[:, np.asarray(cols, np.int64)]
+                yield np.arange(a, a + len(want)), block[inv]
+
+    def read(self, rows: np.ndarray, cols: np.ndarray | None = None) -> np.ndarray:
+        """(len(rows), len(cols) or G) float64, rows in the given order."""
+        rows = np.asarray(rows, np.int64)
+        n_cols = len(self.genes) if cols is None else len(cols)
+        out = np.empty((len(rows), n_cols), np.float64)
+        for pos, block in self.blocks(rows, cols):
+            out[pos] = block
+        return out
+
+    def row_stats(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, population variance) per gene over ``rows`` (two streamed passes)."""
+        rows = np.asarray(rows, np.int64)
+        if not len(rows):
+            raise InputError("no samples to compute gene statistics over", file=self.path, expected="at least one")
+        acc = np.zeros(len(self.genes))
+        for _, block in self.blocks(rows):
+            for r in block:
+                acc += r
+        mean = acc / len(rows)
+        acc = np.zeros(len(self.genes))
+        for _, block in self.blocks(rows):
+            for r in block:
+                d = r - mean
+                acc += d * d
+        return mean, acc / len(rows)

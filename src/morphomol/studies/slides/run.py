@@ -1,9 +1,12 @@
 """One cross-validation fold of one setting (rule ``slides_fold``): train, control, evaluate, write.
 
-For slide encoder ``setting`` and fold ``k`` (patient-grouped; the shared ``splits/fold{k}.parquet``):
+For slide encoder ``setting`` and fold ``k`` (patient-grouped; fold ``k`` of the shared
+``splits/folds.parquet``):
 
-1. RNA encoder fit on the fit slides (PCA) or loaded (registry, local weights); slide inputs frozen
-   (optionally reduced by a PCA fit on the fit slides, ``slides.slide_pca_components``).
+1. RNA encoder fit on the fit slides (PCA) or loaded (registry, local weights); slide inputs frozen, from
+   the per-slide embeddings only (``slides/embeddings/``: mean vectors, or bags read per batch; optionally
+   reduced by a PCA fit on the fit slides, ``slides.slide_pca_components``). Memory: the cohort's N x D
+   vectors / N x (PCA genes) expression and one batch of bags, never every bag or every tile feature.
 2. ``trained``: projection heads (+ ABMIL) trained contrastively on the fit slides, early stopping on
    the validation slides' InfoNCE. ``untrained``: the same seeded initialisation, never trained.
    ``permuted`` (null control): trained the same way on slide–RNA pairs shuffled within the fit and
@@ -42,20 +45,30 @@ def permuted_pairs(data: Any, seed: int) -> Any:
 
 
 def evaluate_model(model: Any, data: Any, tables: Any, rna_enc: Any, *, train_idx: np.ndarray, test_idx: np.ndarray,
-                   cfg: Any, prompt: bool) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """(retrieval dict, route -> (n_test, S) predictions) of one model on the test slides."""
+                   cfg: Any, prompt: bool, train_stats: tuple[np.ndarray, np.ndarray] | None = None
+                   ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(retrieval dict, route -> (n_test, S) predictions) of one model on the test slides. ``train_stats``:
+    (mean, SD) of the training slides' log2 expression per gene (the prompt profiles' base)."""
+    from morphomol.studies.slides.align import embed_data
     from morphomol.studies.slides.evaluate import prompt_predict, retrieval, soft_knn
-    from morphomol.studies.slides.models import embed_all, embed_rna_only
+    from morphomol.studies.slides.models import embed_rna_only
 
-    zs, zr = embed_all(model, data.arrays)
+    zs, zr = embed_data(model, data, cfg.align.batch_size)
     ret = retrieval(zs[test_idx], zr[test_idx], cfg.retrieval_ks)
     temp = cfg.prompting.knn_temperature or float(1.0 / model.scale.detach())
     preds = {"knn": soft_knn(zs[test_idx], zr[train_idx], tables.Y[train_idx], cfg.prompting.knn_k, temp)}
     if prompt:
-        preds["prompt"] = prompt_predict(lambda L: embed_rna_only(model, rna_enc.transform(L)), tables.L[train_idx],
+        stats = train_stats if train_stats is not None else _gene_stats(tables, train_idx)
+        preds["prompt"] = prompt_predict(lambda L: embed_rna_only(model, rna_enc.transform(L)), stats,
                                          tables.set_index, cfg.prompting.raise_sd, zs[train_idx], tables.Y[train_idx],
                                          zs[test_idx])
     return ret, preds
+
+
+def _gene_stats(tables: Any, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, SD) per gene over ``rows`` of the expression (streamed; equal to ``L[rows].mean / .std``)."""
+    mean, var = tables.expr.row_stats(rows)
+    return mean, np.sqrt(var)
 
 
 def summarise(per_set: pd.DataFrame, tables: Any, grounded: tuple[str, ...]) -> dict[str, float]:
@@ -70,15 +83,15 @@ def summarise(per_set: pd.DataFrame, tables: Any, grounded: tuple[str, ...]) -> 
     return out
 
 
-def run_fold(*, setting: str, fold: int, split: str | Path, features: Mapping[str, str | Path], expression: str | Path,
+def run_fold(*, setting: str, fold: int, folds: str | Path, embeddings: Mapping[str, str | Path], expression: str | Path,
              scores: str | Path, sets: str | Path, cfg: Any, seed: int, out_metrics: str | Path,
              out_predictions: str | Path, out_checkpoint: str | Path, out_checkpoint_meta: str | Path,
              rna_weights: str | None = None, rna_overrides: Mapping[str, Any] | None = None,
              threads: int | None = None) -> dict[str, Any]:
-    """The ``slides_fold`` rule (see the module doc). ``cfg``: SlidesConfig. Reads every input named."""
+    """The ``slides_fold`` rule (see the module doc). ``cfg``: SlidesConfig. ``embeddings``: slide -> its
+    embedding (``slides/embeddings/{group}/{sample}.zarr``). Reads every input named, and nothing else."""
     from safetensors.numpy import save_file
 
-    from morphomol.data.folds import read_split
     from morphomol.studies.slides.align import AlignData, build_model, train_align
     from morphomol.studies.slides.data import load_cohort_tables, make_inputs, slide_partitions
     from morphomol.studies.slides.embed import make_rna_encoder, reduce_slides
@@ -90,20 +103,22 @@ def run_fold(*, setting: str, fold: int, split: str | Path, features: Mapping[st
 
     t0 = time.perf_counter()
     tables = load_cohort_tables(expression, scores, sets)
-    part = slide_partitions(read_split(split), tables.samples, file=split)
+    part = slide_partitions(folds, fold, tables.samples, file=folds)
     fit_i, val_i, test_i = (np.flatnonzero(part == p) for p in ("fit", "val", "test"))
     train_i = np.concatenate([fit_i, val_i])
-    inputs, bag = make_inputs(setting, features, tables.samples, cfg=cfg, seed=seed)
+    inputs = make_inputs(setting, embeddings, tables.samples, cfg=cfg)
+    bag = inputs.bag
     inputs, slide_pca = reduce_slides(inputs, fit_i, cfg.slide_pca_components)
     rna_enc = make_rna_encoder(cfg.rna_encoder, n_components=cfg.pca_components, n_genes=cfg.pca_genes,
                                min_mean=cfg.pca_min_mean,
-                               weights=rna_weights, overrides=rna_overrides).fit(tables.L[fit_i], tables.genes)
-    data = AlignData(list(tables.samples), {**inputs, "rna": rna_enc.transform(tables.L)})
+                               weights=rna_weights, overrides=rna_overrides).fit_matrix(tables.expr, fit_i)
+    data = AlignData(list(tables.samples), {**inputs.arrays(), "rna": rna_enc.transform_matrix(tables.expr)},
+                     inputs.bags)
     log.info("%s fold %d: %d fit / %d val / %d test slides, %d gene sets, slide input %s, RNA %s (%d-d)", setting, fold,
              len(fit_i), len(val_i), len(test_i), len(tables.set_names), "bag" if bag else "vector", cfg.rna_encoder,
              rna_enc.dim)
     fp = {"setting": setting, "fold": str(fold), "config": digest(cfg), "ids": ids_digest(tables.samples),
-          "inputs": digest([stat_digest(p) for p in (split, expression, scores, sets, *features.values())])}
+          "inputs": digest([stat_digest(p) for p in (folds, expression, scores, sets, *embeddings.values())])}
     work = Path(out_metrics).parent
     model = build_model(data.subset(fit_i), cfg.align, bag=bag, seed=seed)
     untrained = copy.deepcopy(model).eval()
@@ -118,9 +133,10 @@ def run_fold(*, setting: str, fold: int, split: str | Path, features: Mapping[st
 
     retrieval, per_set, rows, summary = {}, {}, [], {}
     y_test = tables.Y[test_i]
+    train_stats = _gene_stats(tables, train_i)
     for name, m in (("trained", model), ("untrained", untrained), ("permuted", permuted)):
         ret, preds = evaluate_model(m, data, tables, rna_enc, train_idx=train_i, test_idx=test_i, cfg=cfg,
-                                    prompt=name != "untrained")
+                                    prompt=name != "untrained", train_stats=train_stats)
         retrieval[name] = ret
         for route, yhat in preds.items():
             ps = set_metrics(y_test, yhat, tables.set_names)

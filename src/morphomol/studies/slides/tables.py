@@ -1,7 +1,7 @@
 """The slides study's tables, predicted scores and anchors (rule ``slides_tables``).
 
 Reads every fold run (``runs/{setting}/fold{k}/metrics.json`` + ``predictions.parquet``), the
-transfer results, the shared folds and the cohort tables; writes into ``tables/``:
+transfer results, the shared fold table (``splits/folds.parquet``) and the cohort tables; writes into ``tables/``:
 
 * ``retrieval.{csv,md,tex}``: recall@k slide->RNA and RNA->slide, mean ± sd over folds, for every
   setting's trained / untrained / permuted-pairs model and chance; the gain over untrained;
@@ -130,22 +130,23 @@ def transfer_table(results: Sequence[Mapping[str, Any]], ks: Sequence[int]) -> p
     return out.sort_values(["target", "fraction", "mode"]).reset_index(drop=True)
 
 
-def fold_ids(splits: Sequence[str | Path], samples: Sequence[str], meta: pd.DataFrame) -> pd.DataFrame:
-    """One row per slide: patient, cohort, its test fold and its partition in every fold."""
-    from morphomol.data.folds import read_split
+def fold_ids(folds: str | Path | pd.DataFrame, samples: Sequence[str], meta: pd.DataFrame) -> pd.DataFrame:
+    """One row per slide: patient, cohort, its test fold and its partition in every fold of the fold table."""
+    from morphomol.data.folds import n_folds, read_folds, sample_partitions
 
+    table = folds if isinstance(folds, pd.DataFrame) else read_folds(folds)
     out = meta.loc[list(samples), ["patient_id", "cohort"]].copy()
     out.index.name = "sample_id"
     out["test_fold"] = -1
-    for k, path in enumerate(splits):
-        sp = read_split(path).drop_duplicates("sample_id").set_index("sample_id")["partition"].astype(str)
-        out[f"fold{k}"] = sp.reindex(out.index).to_numpy()
+    for k in range(n_folds(table)):
+        part = sample_partitions(table, k)
+        out[f"fold{k}"] = [part.get(s) for s in out.index]
         out.loc[out[f"fold{k}"] == "test", "test_fold"] = k
     return out.reset_index()
 
 
 def write_tables(*, runs: Mapping[str, Sequence[str | Path]], predictions: Mapping[str, Sequence[str | Path]],
-                 transfer: Sequence[str | Path], splits: Sequence[str | Path], expression: str | Path,
+                 transfer: Sequence[str | Path], folds: str | Path, expression: str | Path,
                  sets: str | Path, preprocessing: str | Path, genes: str | Path, out_dir: str | Path, cfg: Any,
                  ) -> dict[str, Any]:
     """The ``slides_tables`` rule: every table, the predicted scores and the plots under ``out_dir``."""
@@ -155,21 +156,21 @@ def write_tables(*, runs: Mapping[str, Sequence[str | Path]], predictions: Mappi
     from morphomol.util.atomic import atomic_path
 
     out = Path(out_dir)
-    folds = {s: [read_json(p, "fold metrics") for p in paths] for s, paths in runs.items()}
+    fold_runs = {s: [read_json(p, "fold metrics") for p in paths] for s, paths in runs.items()}
     set_meta = read_json(sets, "gene sets file")["sets"]
     ks = list(cfg.retrieval_ks)
     primary = cfg.primary
     obs = ad.read_h5ad(expression, backed="r").obs[["patient_id", "cohort"]].copy()
     samples = [str(s) for s in obs.index]
 
-    ret = retrieval_table(folds, ks)
+    ret = retrieval_table(fold_runs, ks)
     cols = [Column("setting", "Slide encoder"), Column("model", "Projections")]
     cols += [Column(f"slide_to_rna_recall@{k}", f"Slide→RNA R@{k}", align="r") for k in ks]
     cols += [Column(f"rna_to_slide_recall@{k}", f"RNA→slide R@{k}", align="r") for k in ks]
     write_table(ret, cols, out / "retrieval", title="Slide-RNA retrieval on held-out slides (mean ± sd over folds)",
                 label="tab:slides-retrieval", notes=["untrained: the same initialisation, never trained; permuted: "
                                                      "trained on shuffled slide-RNA pairs; chance = k / n test slides"])
-    gs = gene_set_table(folds, primary, set_meta)
+    gs = gene_set_table(fold_runs, primary, set_meta)
     gcols = [Column("rank", "#", align="r"), Column("gene_set", "Gene set"), Column("n_genes", "Genes", align="r"),
              Column("grounded", "Grounded"), Column("null", "Null"), Column("knn_trained_r2", "soft-kNN R²", align="r"),
              Column("knn_trained_pearson", "soft-kNN r", align="r"), Column("prompt_trained_r2", "prompt R²", align="r"),
@@ -180,7 +181,7 @@ def write_tables(*, runs: Mapping[str, Sequence[str | Path]], predictions: Mappi
                 label="tab:slides-gene-sets")
     write_table(gs_primary, gcols, out / "gene_sets_primary",
                 title=f"Predictability spectrum ({primary} slide embedding)", label="tab:slides-spectrum")
-    ctl = controls_table(folds)
+    ctl = controls_table(fold_runs)
     write_table(ctl, [Column("setting", "Slide encoder"), Column("route", "Route"), Column("model", "Model"),
                       Column("r2_grounded", "R² grounded", align="r"), Column("r2_other", "R² other sets", align="r"),
                       Column("r2_null", "R² null sets", align="r")], out / "controls",
@@ -206,7 +207,7 @@ def write_tables(*, runs: Mapping[str, Sequence[str | Path]], predictions: Mappi
         pred[c] = pred[c].astype(str)
     with atomic_path(out / "predicted_scores.csv") as tmp:
         pred.to_csv(tmp, index=False, float_format="%.6g")
-    fid = fold_ids(splits, samples, obs)
+    fid = fold_ids(folds, samples, obs)
     with atomic_path(out / "folds.tsv") as tmp:
         fid.to_csv(tmp, sep="\t", index=False)
     names = [s for s in set_meta if s in set(pred["gene_set"])]

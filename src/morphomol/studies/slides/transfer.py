@@ -46,11 +46,11 @@ def _choose_val(patients: np.ndarray, frac: float, seed: int) -> np.ndarray:
 
 
 def _record(model: Any, data: Any, tables: Any, ref_i: np.ndarray, eval_i: np.ndarray, cfg: Any) -> dict[str, Any]:
+    from morphomol.studies.slides.align import embed_data
     from morphomol.studies.slides.evaluate import retrieval, set_metrics, soft_knn
-    from morphomol.studies.slides.models import embed_all
     from morphomol.studies.slides.run import summarise
 
-    zs, zr = embed_all(model, data.arrays)
+    zs, zr = embed_data(model, data, cfg.align.batch_size)
     ret = retrieval(zs[eval_i], zr[eval_i], cfg.retrieval_ks)
     temp = cfg.prompting.knn_temperature or float(1.0 / model.scale.detach())
     yhat = soft_knn(zs[eval_i], zr[ref_i], tables.Y[ref_i], cfg.prompting.knn_k, temp)
@@ -66,11 +66,12 @@ def _record(model: Any, data: Any, tables: Any, ref_i: np.ndarray, eval_i: np.nd
     return out
 
 
-def run_transfer(*, target: str, features: Mapping[str, str | Path], expression: str | Path, scores: str | Path,
+def run_transfer(*, target: str, embeddings: Mapping[str, str | Path], expression: str | Path, scores: str | Path,
                  sets: str | Path, cfg: Any, val_fraction: float, seed: int, out: str | Path,
                  rna_weights: str | None = None, rna_overrides: Mapping[str, Any] | None = None,
                  threads: int | None = None) -> dict[str, Any]:
-    """The ``slides_transfer`` rule for one target cohort (see the module doc). ``cfg``: SlidesConfig."""
+    """The ``slides_transfer`` rule for one target cohort (see the module doc). ``cfg``: SlidesConfig.
+    ``embeddings``: slide -> its embedding (the only H&E input: no tile features)."""
     from morphomol.studies.slides.align import AlignData, build_model, train_align
     from morphomol.studies.slides.data import load_cohort_tables, make_inputs
     from morphomol.studies.slides.embed import make_rna_encoder, reduce_slides
@@ -89,12 +90,14 @@ def run_transfer(*, target: str, features: Mapping[str, str | Path], expression:
     is_val = _choose_val(tables.patients[src_i], val_fraction, seed)
     fit_i, val_i = src_i[~is_val], src_i[is_val]
     tgt_i = np.flatnonzero(is_tgt)
-    inputs, bag = make_inputs(cfg.primary, features, tables.samples, cfg=cfg, seed=seed)
+    inputs = make_inputs(cfg.primary, embeddings, tables.samples, cfg=cfg)
+    bag = inputs.bag
     inputs, _ = reduce_slides(inputs, fit_i, cfg.slide_pca_components)
     rna_enc = make_rna_encoder(cfg.rna_encoder, n_components=cfg.pca_components, n_genes=cfg.pca_genes,
                                min_mean=cfg.pca_min_mean, weights=rna_weights,
-                               overrides=rna_overrides).fit(tables.L[fit_i], tables.genes)
-    data = AlignData(list(tables.samples), {**inputs, "rna": rna_enc.transform(tables.L)})
+                               overrides=rna_overrides).fit_matrix(tables.expr, fit_i)
+    data = AlignData(list(tables.samples), {**inputs.arrays(), "rna": rna_enc.transform_matrix(tables.expr)},
+                     inputs.bags)
     fp = {"target": target, "config": digest(cfg), "ids": ids_digest(tables.samples)}
     work = Path(out).parent / f".{Path(out).stem}"
     model = build_model(data.subset(fit_i), cfg.align, bag=bag, seed=seed)

@@ -13,6 +13,11 @@ of that fold (reference setting: first seed; baselines: deterministic):
 * ``spots/maps/{sample}.png``: measured vs predicted maps of the sample's best, median and worst gene
   (per-gene Pearson within the sample) for the first ``spots.maps.samples`` samples;
   ``spots/maps/pred_vs_measured.png``: predicted vs measured of the cohort's best / median / worst gene.
+
+Memory: one sample at a time. Each setting's predictions are read for the sample alone (its row group of
+``predictions.parquet``: :func:`morphomol.data.runs.read_sample_predictions`); the cohort's
+per-gene Pearson of the reference comes from running sums per gene, and the pooled figure reads only its
+three genes' rows.
 """
 
 from __future__ import annotations
@@ -30,67 +35,94 @@ from morphomol.util.logs import get_logger
 log = get_logger("spots.outputs")
 
 
-def _wide(pred: pd.DataFrame, ids: Sequence[str], genes: Sequence[str], col: str) -> np.ndarray:
-    sub = pred[pred["tile_id"].isin(set(ids))]
-    w = sub.pivot(index="tile_id", columns="gene", values=col)
+def _wide(pred: pd.DataFrame, ids: Sequence[str], genes: Sequence[str], col: str, *, file: object = None) -> np.ndarray:
+    w = pred.pivot(index="tile_id", columns="gene", values=col)
     missing = [u for u in ids if u not in w.index]
     if missing:
-        raise InputError(f"{len(missing)} unit(s) without test predictions (e.g. {missing[0]})", field="tile_id")
+        raise InputError(f"{len(missing)} unit(s) without test predictions (e.g. {missing[0]})", file=file,
+                         field="tile_id")
     return w.reindex(index=list(ids), columns=list(genes)).to_numpy(np.float32)
 
 
-def write_spot_outputs(*, units: Mapping[str, str | Path], splits: Sequence[str | Path], targets: Sequence[str | Path],
+class _PooledPearson:
+    """Per-gene Pearson over every sample's rows, from running float64 sums (one sample at a time)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, np.ndarray] = {}
+
+    def add(self, genes: Sequence[str], y: np.ndarray, yh: np.ndarray) -> None:
+        y, yh = y.astype(np.float64), yh.astype(np.float64)
+        part = np.stack([np.full(y.shape[1], len(y), np.float64), y.sum(0), yh.sum(0), (y * y).sum(0),
+                         (yh * yh).sum(0), (y * yh).sum(0)], axis=1)
+        for g, row in zip(genes, part, strict=True):
+            self.sums[g] = self.sums[g] + row if g in self.sums else row
+
+    def pearson(self) -> pd.Series:
+        out = {}
+        for g, (n, sy, sh, syy, shh, syh) in self.sums.items():
+            vy, vh = syy - sy * sy / n, shh - sh * sh / n
+            den = np.sqrt(vy * vh)
+            out[g] = float(np.clip((syh - sy * sh / n) / den, -1, 1)) if n > 1 and den > 0 else np.nan
+        return pd.Series(out, dtype=float).sort_index()
+
+
+def write_spot_outputs(*, units: Mapping[str, str | Path], folds: str | Path, targets: Sequence[str | Path],
                        predictions: Mapping[str, str | Path], reference: str, out_samples: str | Path,
                        out_maps: str | Path, map_samples: int | None = None) -> dict[str, Any]:
-    """Write the per-sample AnnData and the maps (see the module docstring); returns a summary."""
+    """Write the per-sample AnnData and the maps (see the module docstring); returns a summary. ``folds``: the
+    cohort's fold table (``splits/folds.parquet``)."""
     import anndata as ad
 
-    from morphomol.data.folds import read_split
+    from morphomol.data.folds import (
+        fold_rows,
+        held_out_fold,
+        partitions_by_fold,
+        read_folds,
+    )
+    from morphomol.data.runs import read_sample_predictions
     from morphomol.data.units import read_units
     from morphomol.eval.metrics import column_pearson
     from morphomol.report.figures import plot_pred_vs_measured, select_genes
-    from morphomol.splits import check_fold
+    from morphomol.studies.spots.predictions import read_gene_predictions
     from morphomol.studies.spots.targets import read_targets
     from morphomol.util.atomic import atomic_path
 
     if reference not in predictions:
         raise InputError(f"no predictions of the reference setting {reference!r}", field="spots.reference")
-    preds = {n: pd.read_parquet(p).astype({"tile_id": str, "gene": str}) for n, p in predictions.items()}
-    fold_of: dict[str, int] = {}
-    partitions: dict[str, dict[int, pd.Series]] = {}
+    table = read_folds(folds)
+    for k in sorted(set(table["fold"].astype(int))):
+        fold_rows(table, k)  # patient grouping asserted
+    fold_of = held_out_fold(table)
+    partitions = partitions_by_fold(table, units)
     docs = [read_targets(t) for t in targets]
-    for k, sp in enumerate(splits):
-        s = read_split(sp)
-        check_fold(s)
-        for sample, part in s.groupby("sample_id"):
-            partitions.setdefault(str(sample), {})[k] = part.set_index("tile_id")["partition"]
-            if (part["partition"] == "test").all():
-                fold_of[str(sample)] = k
     summary: dict[str, Any] = {}
-    pooled = []
+    pooled = _PooledPearson()
     with atomic_path(out_samples) as tmp_s, atomic_path(out_maps) as tmp_m:
         tmp_s.mkdir(parents=True)
         tmp_m.mkdir(parents=True)
         for i, (sample, upath) in enumerate(units.items()):
             if sample not in fold_of:
-                raise InputError(f"sample {sample} is test in no fold", field="splits")
+                raise InputError(f"sample {sample} is test in no fold", file=folds, field="partition")
             k = fold_of[sample]
             doc = docs[k]
             genes = [str(g) for g in doc["genes"]]
             a = read_units(upath)
             ids = list(a.obs_names.astype(str))
-            y = _wide(preds[reference], ids, genes, "y")
+            preds = {n: read_sample_predictions(p, sample).astype({"tile_id": str, "gene": str})
+                     for n, p in predictions.items()}
+            y = _wide(preds[reference], ids, genes, "y", file=predictions[reference])
             out = ad.AnnData(X=y.copy(), obs=a.obs.copy(), var=pd.DataFrame(index=pd.Index(genes)))
             out.obsm["spatial"] = np.asarray(a.obsm["spatial"])
             if "spatial" in a.uns:
                 out.uns["spatial"] = a.uns["spatial"]
             out.layers["measured"] = y
             for name, df in preds.items():
-                out.layers[f"pred_{name}"] = _wide(df, ids, genes, "y_hat")
+                out.layers[f"pred_{name}"] = _wide(df, ids, genes, "y_hat", file=predictions[name])
+            del preds, a
             out.obs["fold"] = k
-            out.obs["partition"] = partitions[sample][k].reindex(ids).astype(str).to_numpy()
+            out.obs["partition"] = partitions[sample][k]
             for kk, part in sorted(partitions[sample].items()):
-                out.obs[f"partition_fold{kk}"] = part.reindex(ids).astype(str).to_numpy()
+                out.obs[f"partition_fold{kk}"] = part
             r = column_pearson(y.astype(np.float64), out.layers[f"pred_{reference}"].astype(np.float64))
             out.var["pearson"] = r
             out.var["eval_gene"] = [g in set(doc.get("eval_genes") or []) for g in genes]
@@ -99,14 +131,13 @@ def write_spot_outputs(*, units: Mapping[str, str | Path], splits: Sequence[str 
             out.write_h5ad(Path(tmp_s) / f"{sample}.h5ad")
             summary[sample] = {"fold": k, "spots": int(out.n_obs), "mean_pearson": float(np.nanmean(r))
                                if np.isfinite(r).any() else None}
-            pooled.append(preds[reference][preds[reference]["tile_id"].isin(set(ids))])
+            pooled.add(genes, y, out.layers[f"pred_{reference}"])
             if map_samples is None or i < map_samples:
                 plot_sample_maps(Path(tmp_m) / f"{sample}.png", out, sample)
-        allp = pd.concat(pooled, ignore_index=True)
-        per_gene = allp.groupby("gene").apply(lambda d: float(column_pearson(d[["y"]].to_numpy(float),
-                                                                               d[["y_hat"]].to_numpy(float))[0]),
-                                              include_groups=False)
-        plot_pred_vs_measured(allp, select_genes(per_gene), Path(tmp_m) / "pred_vs_measured.png",
+            del out
+        chosen = select_genes(pooled.pearson())
+        rows = read_gene_predictions(predictions[reference], sorted(set(chosen.values())))
+        plot_pred_vs_measured(rows, chosen, Path(tmp_m) / "pred_vs_measured.png",
                               title=f"{reference}: test predictions (first seed), best / median / worst gene")
     log.info("wrote %d samples' AnnData and maps", len(units))
     return summary

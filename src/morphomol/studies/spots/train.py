@@ -9,7 +9,12 @@ first seed's ``predictions.parquet``, ``checkpoint.safetensors`` per ``spots.tra
 fold units, genes, every input's stat digest) matches is reused when the job is retried.
 
 The job's outputs: ``runs/{setting}/metrics.json`` (every run + mean ± sd across seeds of the fold-mean
-metrics) and ``runs/{setting}/predictions.parquet`` (test predictions of the first seed; every unit once).
+metrics) and ``runs/{setting}/predictions.parquet`` (test predictions of the first seed; every unit once;
+one row group per sample with a ``sample_id`` column, so a sample's rows are read alone: :mod:`.predictions`).
+
+Memory: the job never holds the cohort. Each partition of a fold is a :class:`~.stream.SpotStream` that reads
+features and targets per chunk of spots into a bounded buffer (``buffer_mb`` per partition); what grows with
+the cohort are per-spot ids and the test / validation predictions of one fold (for the metrics).
 Validation Pearson per epoch gives the seed's table columns: final (last epoch), best and its epoch;
 the test metrics are those of the model selected by validation MSE.
 """
@@ -27,8 +32,9 @@ import pandas as pd
 
 from morphomol.config.sections import TrainingConfig
 from morphomol.studies.spots.config import HeadTraining
-from morphomol.studies.spots.data import CohortSpots, FoldSpots, load_cohort, load_fold, union_genes
+from morphomol.studies.spots.data import FoldTargets, UnitRows, fold_samples, fold_targets
 from morphomol.studies.spots.settings import SpotSetting
+from morphomol.studies.spots.stream import BUFFER_MB, SpotStream, TextRows
 from morphomol.util.jsonio import write_json
 from morphomol.util.logs import get_logger
 
@@ -40,18 +46,22 @@ RUN_METRICS = ("test_pearson", "test_pearson_eval", "test_spearman", "test_mse",
 
 @dataclass
 class SpotsInputs:
-    """The declared inputs of a spots job (sample -> path; one split / targets file per fold)."""
+    """The declared inputs of a spots job (sample -> path; the cohort's fold table; one targets file per fold)."""
 
     units: dict[str, Path]
     features: dict[str, Path]
-    splits: list[Path]
+    folds: Path
     targets: list[Path]
     text: tuple[Path, Path] | None = None
+
+    @property
+    def n_folds(self) -> int:
+        return len(self.targets)
 
     def artifacts(self) -> dict[str, Path]:
         out = {f"units:{s}": p for s, p in self.units.items()}
         out.update({f"features:{s}": p for s, p in self.features.items()})
-        out.update({f"split:{k}": p for k, p in enumerate(self.splits)})
+        out["folds"] = self.folds
         out.update({f"targets:{k}": p for k, p in enumerate(self.targets)})
         if self.text:
             out.update({"text_table": self.text[0], "text_store": self.text[1]})
@@ -71,52 +81,63 @@ def _summary(values: Sequence[float | None]) -> dict[str, Any]:
             "n": int(len(v))}
 
 
-def train_one(setting: SpotSetting, spots: CohortSpots, fold: FoldSpots, seed: int, run_dir: Path, *,
+@dataclass
+class FoldSources:
+    """A fold's partitions as streaming sources (samples in the unit tables' order) and its targets."""
+
+    fold: FoldTargets
+    parts: dict[str, SpotStream]
+
+    def ids(self, part: str) -> list[str]:
+        return self.parts[part].tile_ids
+
+
+def fold_sources(inputs: SpotsInputs, k: int, *, text: TextRows | None, buffer_mb: float = BUFFER_MB,
+                 chunk_rows: int | None = None) -> FoldSources:
+    """The streaming sources of fold ``k`` (patient grouping asserted on the fold table)."""
+    from morphomol.studies.spots.stream import CHUNK_ROWS
+
+    fold = fold_targets(inputs.targets[k], k)
+    by_part = fold_samples(inputs.folds, k, list(inputs.units))
+    parts = {}
+    for part, samples in by_part.items():
+        units = {s: UnitRows(inputs.units[s], s, fold.genes) for s in samples}
+        parts[part] = SpotStream(units, inputs.features, transform=fold.transform, target_sum=fold.target_sum,
+                                 text=text, buffer_mb=buffer_mb, chunk_rows=chunk_rows or CHUNK_ROWS)
+    return FoldSources(fold, parts)
+
+
+def train_one(setting: SpotSetting, data: FoldSources, seed: int, run_dir: Path, *,
               training: HeadTraining, threads: int | None, device: str, fp: dict[str, str],
-              keep_predictions: bool, save_checkpoint_file: bool) -> dict[str, Any]:
+              keep_predictions: bool, save_checkpoint_file: bool, text_dim: int | None = None) -> dict[str, Any]:
     """Train and evaluate one (fold, seed) run; writes ``run_dir/metrics.json`` (+ predictions / checkpoint)."""
     import torch
 
-    from morphomol.data.runs import write_predictions
     from morphomol.eval.metrics import per_gene_metrics, regression_report, summarize
     from morphomol.studies.spots.models import SpotModel, spots_loss
+    from morphomol.studies.spots.predictions import write_sample_predictions
     from morphomol.train.checkpoint import save_checkpoint
     from morphomol.train.loop import finish, fit, predict
     from morphomol.train.runtime import Runtime, run_context
-    from morphomol.train.sources import InMemoryTiles
 
     tcfg = loop_config(training)
     runtime = Runtime(seed=int(seed), threads=threads, device=device, num_workers=0)
     align = setting.align
-    assert spots.features is not None
-    ids = np.array(spots.unit_ids, dtype=object)
+    fold = data.fold
     eval_idx = [fold.genes.index(g) for g in fold.eval_genes]
-
-    def source(part: str, shuffle_text: bool = False) -> InMemoryTiles:
-        r = fold.rows[part]
-        arrays: dict[str, np.ndarray] = {
-            "features": spots.features[r], "target": spots.targets(fold.genes, fold.transform, fold.target_sum, r)}
-        if align is not None:
-            assert spots.text is not None and spots.has_text is not None
-            text, has = spots.text[r].copy(), spots.has_text[r].copy()
-            if shuffle_text:  # null control: captions permuted across the fit spots that have one
-                w = np.flatnonzero(has > 0)
-                text[w] = text[np.random.default_rng([int(seed), 7919]).permutation(w)]
-            arrays.update(text=text, has_text=has)
-        return InMemoryTiles(list(ids[r]), **arrays)
-
-    src = {"fit": source("fit", shuffle_text=align is not None and align.captions == "shuffled"),
-           "val": source("val"), "test": source("test")}
+    src = dict(data.parts)
+    if align is not None:  # null control: captions permuted across the fit spots that have one
+        src["fit"].shuffle_text(int(seed) if align.captions == "shuffled" else None)
     fields = ["features", "target"] + (["text", "has_text"] if align is not None else [])
     steps = src["fit"].n_batches(tcfg.batch_size)
+    in_dim = src["fit"].dim
     with run_context(runtime) as dev:
         torch.manual_seed(int(seed))
-        model = SpotModel(spots.features.shape[1], len(fold.genes), setting.head, align,
-                          text_dim=None if spots.text is None else spots.text.shape[1],
+        model = SpotModel(in_dim, len(fold.genes), setting.head, align, text_dim=text_dim,
                           warmup_steps=int(round((align.warmup_epochs if align else 0) * steps))).to(dev)
         if training.init_bias_mean:
             with torch.no_grad():
-                model.out.bias.copy_(torch.from_numpy(src["fit"].arrays["target"].mean(axis=0)))
+                model.out.bias.copy_(torch.from_numpy(src["fit"].target_mean()))
 
         def validate(m: Any) -> tuple[float, dict[str, float]]:
             _, y, yh = predict(m, src["val"], ["features", "target"], tcfg.batch_size, dev)
@@ -127,10 +148,10 @@ def train_one(setting: SpotSetting, spots: CohortSpots, fold: FoldSpots, seed: i
         drop_last = setting.head.batch_norm and len(src["fit"]) > tcfg.batch_size
         res = fit(model, src["fit"], fields, tcfg, runtime, run_dir, loss_fn=spots_loss, validate=validate,
                   fingerprint=fp, drop_last=drop_last)
-        uids, y, yh = predict(model, src["test"], ["features", "target"], tcfg.batch_size, dev)
+        test_fields = ["features", "target"] + (["text", "has_text"] if align is not None else [])
+        uids, y, yh, te = _predict_test(model, src["test"], test_fields, tcfg.batch_size, dev)
         cos = cos_shuf = None
         if align is not None and model.align_head is not None:
-            te = src["test"].arrays
             w = np.flatnonzero(te["has_text"] > 0)
             if len(w) > 1:
                 with torch.no_grad():
@@ -158,11 +179,11 @@ def train_one(setting: SpotSetting, spots: CohortSpots, fold: FoldSpots, seed: i
         "resumed": res.resumed, "fingerprint": fp,
     }
     if keep_predictions:
-        write_predictions(run_dir / "predictions.parquet", uids, fold.genes, y, yh)
+        write_sample_predictions(run_dir / "predictions.parquet", uids, fold.genes, y, yh)
     if save_checkpoint_file:
         save_checkpoint(model, run_dir / "checkpoint.safetensors", run_dir / "checkpoint.json",
                         {"setting": setting.name, "setting_fields": setting.to_dict(), "fold": fold.fold,
-                         "seed": int(seed), "genes": fold.genes, "in_dim": int(spots.features.shape[1]),
+                         "seed": int(seed), "genes": fold.genes, "in_dim": int(in_dim),
                          "best_epoch": res.best_epoch, "training": training})
     write_json(run_dir / "metrics.json", metrics)
     finish(run_dir)
@@ -173,39 +194,61 @@ def train_one(setting: SpotSetting, spots: CohortSpots, fold: FoldSpots, seed: i
     return metrics
 
 
+def _predict_test(model: Any, ds: SpotStream, fields: Sequence[str], batch_size: int, dev: Any
+                  ) -> tuple[list[str], np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """(ids, y, y_hat) of the test partition in its order (:func:`morphomol.train.loop.predict`), plus its
+    caption fields (alignment settings) gathered batch by batch."""
+    from morphomol.train.loop import predict
+
+    uids, y, yh = predict(model, ds, ["features", "target"], batch_size, dev)
+    extra: dict[str, np.ndarray] = {}
+    other = [f for f in fields if f not in ("features", "target")]
+    if other:
+        parts: dict[str, list[np.ndarray]] = {f: [] for f in other}
+        for b in ds.epoch(0, batch_size=batch_size, fields=other, shuffle=False):
+            for f in other:
+                parts[f].append(np.asarray(b[f], np.float32))
+        extra = {f: np.concatenate(v) for f, v in parts.items()}
+    return uids, y, yh, extra
+
+
 def run_spot_setting(setting: SpotSetting, inputs: SpotsInputs, *, out_metrics: str | Path,
                      out_predictions: str | Path, training: HeadTraining, seeds: Sequence[int], encoder: str,
-                     threads: int | None = None, device: str = "auto") -> dict[str, Any]:
+                     threads: int | None = None, device: str = "auto", buffer_mb: float = BUFFER_MB,
+                     chunk_rows: int | None = None) -> dict[str, Any]:
     """The rule ``spots_train``: every fold x seed of ``setting`` (see the module docstring)."""
     from morphomol.data.features import read_features_attrs
-    from morphomol.data.runs import read_predictions, write_metrics
+    from morphomol.data.runs import write_metrics
+    from morphomol.studies.spots.predictions import concat_predictions
     from morphomol.train.resume import fingerprint
     from morphomol.util.hashing import ids_digest
 
     out_metrics, out_predictions = Path(out_metrics), Path(out_predictions)
-    genes = union_genes(inputs.targets)
-    spots = load_cohort(inputs.units, inputs.features, genes, inputs.text)
-    if setting.align is not None and (spots.has_text is None or spots.has_text.sum() == 0):
-        from morphomol.errors import InputError
+    text = None
+    if setting.align is not None:
+        text = TextRows.read(*inputs.text) if inputs.text is not None else None
+        if text is None or not any(u in text.row for s, p in inputs.units.items() for u in UnitRows(p, s, []).ids):
+            from morphomol.errors import InputError
 
-        raise InputError(f"setting {setting.name} aligns to captions but no spot has one", field="captions")
+            raise InputError(f"setting {setting.name} aligns to captions but no spot has one", field="captions")
     feat_attrs = read_features_attrs(next(iter(inputs.features.values())))
     runs: list[dict[str, Any]] = []
     preds: list[Path] = []
-    for k, (split, targets) in enumerate(zip(inputs.splits, inputs.targets, strict=True)):
-        fold = load_fold(spots, k, split, targets)
+    for k in range(inputs.n_folds):
+        data = fold_sources(inputs, k, text=text, buffer_mb=buffer_mb, chunk_rows=chunk_rows)
+        fold = data.fold
         for i, seed in enumerate(seeds):
             run_dir = out_metrics.parent / f"fold{k}" / f"seed{seed}"
             fp = fingerprint(setting=setting.to_dict(), training=training, seed=int(seed), fold=k, encoder=encoder,
-                             fit=ids_digest(np.array(spots.unit_ids)[fold.rows["fit"]]),
-                             val=ids_digest(np.array(spots.unit_ids)[fold.rows["val"]]), genes=fold.genes,
-                             inputs={**inputs.artifacts(), "split": split, "targets": targets})
+                             fit=ids_digest(np.array(data.ids("fit"))), val=ids_digest(np.array(data.ids("val"))),
+                             genes=fold.genes, inputs={**inputs.artifacts(), "targets": inputs.targets[k]})
             keep = i == 0
             save = training.save_checkpoints == "all" or (training.save_checkpoints == "first" and keep)
             m = _reuse(run_dir, fp, keep)
             if m is None:
-                m = train_one(setting, spots, fold, int(seed), run_dir, training=training, threads=threads,
-                              device=device, fp=fp, keep_predictions=keep, save_checkpoint_file=save)
+                m = train_one(setting, data, int(seed), run_dir, training=training, threads=threads,
+                              device=device, fp=fp, keep_predictions=keep, save_checkpoint_file=save,
+                              text_dim=None if text is None else int(text.embeddings.shape[1]))
                 m["reused"] = False
             else:
                 log.info("%s fold %d seed %d: reusing the finished run in %s", setting.name, k, seed, run_dir)
@@ -213,14 +256,10 @@ def run_spot_setting(setting: SpotSetting, inputs: SpotsInputs, *, out_metrics: 
             runs.append(m)
             if keep:
                 preds.append(run_dir / "predictions.parquet")
-    agg = aggregate(setting, runs, seeds=seeds, n_folds=len(inputs.splits), encoder=encoder,
+        del data
+    agg = aggregate(setting, runs, seeds=seeds, n_folds=inputs.n_folds, encoder=encoder,
                     features=feat_attrs, training=training)
-    df = read_predictions(preds)
-    from morphomol.util.atomic import atomic_path
-
-    df["tile_id"], df["gene"] = df["tile_id"].astype(str), df["gene"].astype(str)
-    with atomic_path(out_predictions) as tmp:
-        df.astype({"tile_id": "category", "gene": "category"}).to_parquet(tmp, index=False)
+    concat_predictions(preds, out_predictions)
     write_metrics(out_metrics, agg)
     return agg
 
