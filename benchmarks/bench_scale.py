@@ -6,8 +6,8 @@
 For every stage of ``benchmarks/scale/`` (one module per area; a stage = one heavy job, called through the
 library function its rule's script calls) and each of three sizes ``n`` (slides, tiles, cells, spots):
 
-1. the inputs are written with the project's own writers in a process of their own (not measured);
-2. the job runs in a fresh process (one thread): its peak RSS (``ru_maxrss``) and wall time are recorded;
+1. the inputs are written with the project's own writers by the harness process (not measured);
+2. the job runs in a fresh process (one thread): its peak RSS (``VmHWM``) and wall time are recorded;
 3. peak RSS is fitted as ``a + b·n`` and time as ``c·n^p`` over the three sizes and extrapolated to the
    stage's ``seed_n`` (the seeds' scale: slides 10,000 WSIs × 10,000 tiles × 1536-d, 20 k genes; cells 1.7 M ×
    2,000 HVGs; spots 200 k × 1536-d; fusion 1 M tiles × 1536-d). ``p`` is the time exponent (≤ ~1.1: not
@@ -47,26 +47,32 @@ CHILD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREA
 
 
 # ----------------------------------------------------------------------------- child processes
-def _child(stage_name: str, phase: str, n: int, workdir: Path) -> None:
-    """Run one phase of one stage in this (fresh) process; print one JSON line."""
+def _peak_rss_mb() -> float:
+    """This process's peak RSS in MB: VmHWM (reset by exec, unlike ru_maxrss, which a child started from a large
+    parent inherits), else ru_maxrss."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _child(stage_name: str, workdir: Path) -> None:
+    """Run one stage's job on the inputs prepared in ``workdir`` in this (fresh) process; print one JSON line."""
     import logging
 
     logging.basicConfig(level=logging.WARNING)
     from scale import all_stages
 
     stage = all_stages()[stage_name]
-    kw_file = workdir / "kwargs.json"
-    if phase == "prepare":
-        kwargs = stage.prepare(n, workdir)
-        kw_file.write_text(json.dumps(kwargs))
-        print(json.dumps({"ok": True}))
-        return
-    kwargs = json.loads(kw_file.read_text())
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    kwargs = json.loads((workdir / "kwargs.json").read_text())
+    base = _peak_rss_mb()
     t0 = time.perf_counter()
     stage.run(kwargs, workdir)
     dt = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _peak_rss_mb()
     print(json.dumps({"seconds": dt, "peak_rss_mb": peak, "baseline_rss_mb": base}))
 
 
@@ -99,8 +105,9 @@ def bench_stage(stage: Any, sizes: tuple[int, ...], keep: Path | None) -> dict[s
     for n in sizes:
         work = Path(tempfile.mkdtemp(prefix=f"scale_{stage.name}_{n}_", dir=keep))
         try:
-            _spawn(["--child", stage.name, "prepare", str(n), str(work)])
-            r = _spawn(["--child", stage.name, "run", str(n), str(work)])
+            # inputs written here, in the harness process (its memory is not measured; one process start less)
+            (work / "kwargs.json").write_text(json.dumps(stage.prepare(n, work)))
+            r = _spawn(["--child", stage.name, str(work)])
         finally:
             if keep is None:
                 shutil.rmtree(work, ignore_errors=True)
@@ -155,21 +162,38 @@ def _dag_config(kind: str, n: int, work: Path) -> Path:
     return path
 
 
+def _dag_child(argv: list[str]) -> None:
+    """``snakemake -n`` in this (fresh) process; prints its wall time and peak RSS as one JSON line."""
+    import contextlib
+    import io
+
+    from snakemake.cli import main as snakemake_main
+
+    t0 = time.perf_counter()
+    rc = 0
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+        try:
+            snakemake_main(argv)
+        except SystemExit as exc:
+            rc = int(exc.code or 0)
+    dt = time.perf_counter() - t0
+    print(json.dumps({"rc": rc, "seconds": dt, "peak_rss_mb": _peak_rss_mb(), "stderr": err.getvalue()[-3000:]}))
+
+
 def bench_dag(kind: str, n: int) -> dict[str, Any]:
-    snakemake = Path(sys.executable).parent / "snakemake"
+    """``snakemake -n`` of a generated cohort, run in a fresh process (wall time includes its imports)."""
     with tempfile.TemporaryDirectory(prefix=f"dag_{kind}_{n}_") as tmp:
         work = Path(tmp)
         cfg = _dag_config(kind, n, work)
-        cmd = [str(snakemake), "-n", "--quiet", "rules", "--snakefile", str(ROOT / "Snakefile"),
-               "--configfile", str(cfg), "--directory", str(work), "--cores", "1"]
+        argv = ["-n", "--quiet", "rules", "--snakefile", str(ROOT / "Snakefile"), "--configfile", str(cfg),
+                "--directory", str(work), "--cores", "1"]
         t0 = time.perf_counter()
-        p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **CHILD_ENV})
-        dt = time.perf_counter() - t0
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    if p.returncode != 0:
-        raise RuntimeError(f"snakemake -n on {kind} x {n} failed:\n{p.stderr[-3000:]}")
-    print(f"  dag {kind:<8} n={n:>7,}  {dt:7.1f} s  peak {peak:6.0f} MB (max over child processes so far)", flush=True)
-    return {"cohort": kind, "n": n, "seconds": dt, "peak_rss_mb": peak}
+        r = _spawn(["--dag-child", json.dumps(argv)])
+        wall = time.perf_counter() - t0
+    if r["rc"] != 0:
+        raise RuntimeError(f"snakemake -n on {kind} x {n} failed:\n{r['stderr']}")
+    print(f"  dag {kind:<8} n={n:>7,}  {wall:7.1f} s  peak {r['peak_rss_mb']:6.0f} MB", flush=True)
+    return {"cohort": kind, "n": n, "seconds": wall, "peak_rss_mb": r["peak_rss_mb"]}
 
 
 def _sizes(spec: list[str]) -> dict[str, list[int]]:
@@ -189,14 +213,22 @@ def main() -> None:
     ap.add_argument("--no-dag", action="store_true", help="skip the snakemake -n curve")
     ap.add_argument("--dag-only", action="store_true", help="only the snakemake -n curve")
     ap.add_argument("--dag-sizes", nargs="*", default=None,
-                    help="kind=n1,n2,n3 (kinds: slides, xenium); default slides=100,1000,2000 xenium=60,200,600 "
+                    help="kind=n1,n2,n3 (kinds: slides, xenium); default slides=100,500,1000 xenium=60,150,300 "
                          "(--quick) or slides=100,1000,10000 xenium=60,300,1000")
-    ap.add_argument("--child", nargs=4, metavar=("STAGE", "PHASE", "N", "DIR"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=2, metavar=("STAGE", "DIR"), help=argparse.SUPPRESS)
+    ap.add_argument("--dag-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.child:
-        st, phase, n, d = args.child
-        _child(st, phase, int(n), Path(d))
+    if args.dag_child:
+        _dag_child(json.loads(args.dag_child))
         return
+    if args.child:
+        st, d = args.child
+        _child(st, Path(d))
+        return
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("MORPHOMOL_PROGRESS", "off")
     from scale import all_stages
 
     stages = all_stages()
@@ -219,7 +251,7 @@ def main() -> None:
             if args.json:
                 Path(args.json).write_text(json.dumps(out, indent=1))
     if not args.no_dag:
-        default = ["slides=100,1000,2000", "xenium=60,200,600"] if args.quick else ["slides=100,1000,10000",
+        default = ["slides=100,500,1000", "xenium=60,150,300"] if args.quick else ["slides=100,1000,10000",
                                                                                       "xenium=60,300,1000"]
         for kind, ns in _sizes(args.dag_sizes or default).items():
             for n in ns:
