@@ -8,4 +8,5 @@ run(lambda smk: write_folds(
     out=smk.output.folds,
     splits=typed(SplitsConfig, smk.params.splits),
     seed=smk.params.seed,
+    cohort=smk.wildcards.cohort,
 ))

@@ -10,4 +10,5 @@ run(lambda smk: write_folds(
     out=smk.output[0],
     cfg=typed(SplitsConfig, smk.params.splits),
     seed=smk.params.seed,
+    cohort=smk.wildcards.cohort,
 ))

@@ -13,7 +13,8 @@ def main(smk):
         settings={n: as_setting(d, n) for n, d in p.settings.items()},
         reasons=dict(p.reasons), reference=p.reference, out_dir=Path(smk.output.settings).parent,
         metadata=tables_metadata(cohort=smk.wildcards.cohort, config=p.config, models=p.models),
-        cohort=smk.wildcards.cohort)
+        cohort=smk.wildcards.cohort, predictions=dict(zip(p.names, map(Path, smk.input.predictions), strict=True)),
+        folds=Path(smk.input.folds), transform=str(p.transform))
 
 
 run(main)

@@ -219,7 +219,7 @@ def test_folds_are_donor_grouped_and_stratified():
     with pytest.raises(AssertionError, match="two partitions"):
         check_donor_fold(bad)
     with pytest.raises(InputError, match="donor"):
-        make_folds(cells[cells["patient_id"].isin(["D0", "D1", "D2"])], 3, 0.25, 0)
+        make_folds(cells[cells["patient_id"].isin(["D0", "D1"])], 3, 0.25, 0)  # 3 donors would do (issue 23)
 
 
 # ------------------------------------------------------------------------------ ingest
@@ -541,7 +541,9 @@ def test_sparse_baselines_equal_the_dense_ones(sim_cohort, tmp_path):
     units = sim_cohort["units"]
     write_folds(units=list(units.values()), out=tmp_path / "folds.parquet",
                 splits=default_sections(splits={"n_folds": 3}).splits, seed=0)
-    cfg = cells_cfg(baselines={"knn_k": 15, "knn_pcs": 20})
+    # one-value grids: the inner CV can only choose these (the dense references below use them)
+    cfg = cells_cfg(baselines={"knn_k": 15, "knn_pcs": 20, "knn_k_grid": [15], "lr_c_grid": [1.0],
+                               "lr_standardise": [True]})
     write_fold(units=list(units.values()), folds=tmp_path / "folds.parquet", fold=0, out_table=tmp_path / "f.parquet",
                out_meta=tmp_path / "f.json", cfg=cfg)
     kw = dict(fold_table=tmp_path / "f.parquet", fold_meta=tmp_path / "f.json", units=units,
@@ -639,11 +641,11 @@ def _cohort(tmp_path, rows, **cells):
 
 def test_cohort_preflight_checks(tmp_path):
     h5 = [{"sample_id": f"S{i}", "patient_id": f"P{i}", "h5ad": f"s{i}.h5ad"} for i in range(3)]
-    text_only = {"tasks": {t: [[0, 0]] for t in ("image_to_genes", "image_to_type", "image_genes_to_type")}}
+    text_only = {"tasks": {"gene_to_type": [[0, 1.0]], "type_to_genes": [[0, 0.5]]}}
     pc = _cohort(tmp_path, h5, **text_only)()
     assert pc.cohorts["c"].studies == ("cells",) and pc.cohorts["c"].kind.name == "cells"
-    with pytest.raises(InputError, match="image task"):  # default tasks include image tasks, no sample has patches
-        _cohort(tmp_path, h5)()
+    with pytest.raises(InputError, match="only image task"):  # nothing left to train without patches
+        _cohort(tmp_path, h5, tasks={"image_to_type": [[0, 1.0]]})()
     with pytest.raises(InputError, match="exactly one of h5ad / xenium_dir"):
         _cohort(tmp_path, [{**h5[0], "xenium_dir": "x"}, *h5[1:]], **text_only)()
     with pytest.raises(InputError, match="cell-groups CSV"):
@@ -654,8 +656,9 @@ def test_cohort_preflight_checks(tmp_path):
         _cohort(tmp_path, h5, **text_only, model={"path": "m", "tiny": {}})()
     with pytest.raises(InputError, match="base model directory"):
         _cohort(tmp_path, h5, **text_only, model={"tiny": None, "path": "nowhere"})()
-    with pytest.raises(InputError, match="donor"):
-        _cohort(tmp_path, h5[:2], **text_only)()
+    _cohort(tmp_path, h5[:2], **text_only)()  # 2 donors allow 2 folds (issue 23: the shared fold rule)
+    with pytest.raises(InputError, match="2 folds need >= 2 donors; cohort 'c' has 1 donor"):
+        _cohort(tmp_path, h5[:1], **text_only)()
 
 
 def test_demo_cohort_config_is_valid():

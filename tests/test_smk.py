@@ -55,8 +55,10 @@ def test_failed_rerun_says_previous_outputs_were_removed(tmp_path):
     def fail(smk):
         raise InputError("tiling.min_transcripts leaves zero tiles", field="tiling.min_transcripts")
 
+    rerun = fake_smk(log)
+    rerun.params = _Named(min_transcripts=5)  # rerun for a params change: Snakemake removed the outputs
     with pytest.raises(SystemExit):
-        run(fail, fake_smk(log))
+        run(fail, rerun)
     last = log.read_text().strip().splitlines()[-1]
     assert "zero tiles" in last and "removed its previous outputs" in last and "README" in last
 

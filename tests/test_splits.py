@@ -12,7 +12,15 @@ from morphomol.config import SplitsConfig
 from morphomol.data.folds import fold_rows, partitions_by_fold, read_folds, sample_partitions, held_out_fold, unit_split
 from morphomol.data.units import count_units, write_units
 from morphomol.errors import InputError
-from morphomol.splits import FOLDS_COLUMNS, check_fold, group_kfold, make_folds, write_folds
+from morphomol.splits import (
+    FOLDS_COLUMNS,
+    check_fold,
+    feasible_validation,
+    group_kfold,
+    make_folds,
+    plan_folds,
+    write_folds,
+)
 
 
 def _samples(samples_per_patient, units_per_sample, seed=0):
@@ -81,13 +89,13 @@ def test_deterministic_and_seeded():
 
 
 def test_errors_and_check():
-    with pytest.raises(InputError, match="cannot make 4 patient-grouped folds"):
+    with pytest.raises(InputError, match="4 folds need >= 4 patients; the cohort has 3 patient.* use n_folds: 3"):
         make_folds(_samples([1, 1, 1], 5), 4)
     f = make_folds(_samples([1] * 5, 5), 4)
     bad = f[f.fold == 0].copy()
     bad = pd.concat([bad, bad.iloc[[0]].assign(sample_id="X", partition="test" if bad.partition.iloc[0] != "test"
                                                else "fit")])
-    with pytest.raises(AssertionError, match="two partitions"):
+    with pytest.raises(AssertionError, match="appears in two partitions .test and training"):
         check_fold(bad)
     dup = pd.DataFrame({"sample_id": ["A", "A"], "patient_id": ["P", "P"], "n_units": [1, 1]})
     with pytest.raises(InputError, match="duplicate sample_id"):
@@ -152,3 +160,119 @@ def test_reader_names_the_file_and_field(tmp_path):
     assert exc.value.field == "partition" and "train" in exc.value.message
     with pytest.raises(InputError, match="fold table missing"):
         read_folds(tmp_path / "nope.parquet")
+
+
+# ------------------------------------------------------------------------------ the validation policy (issue 23)
+TWO_PATIENTS = pd.DataFrame({"sample_id": ["A1", "B1", "B2"], "patient_id": ["A", "B", "B"], "n_units": [40, 25, 30]})
+
+
+def test_two_patients_make_two_folds_with_sample_and_no_validation(caplog):
+    """One patient with one sample, one with two: both folds exist, the fold training on B's two samples
+    validates on one of them, the fold training on A's single sample has no validation partition."""
+    with caplog.at_level("INFO", logger="morphomol.splits"):
+        folds = make_folds(TWO_PATIENTS, 2, 0.25, 0)
+    assert list(folds.columns) == list(FOLDS_COLUMNS)
+    by = {k: g.set_index("sample_id") for k, g in folds.groupby("fold")}
+    test_a = next(k for k, g in by.items() if g.at["A1", "partition"] == "test")
+    test_b = 1 - test_a
+    assert set(by[test_a]["validation"]) == {"sample"}
+    assert sorted(by[test_a].loc[["B1", "B2"], "partition"]) == ["fit", "val"]
+    assert set(by[test_b]["validation"]) == {"none"}
+    assert by[test_b].at["A1", "partition"] == "fit" and (by[test_b].loc[["B1", "B2"], "partition"] == "test").all()
+    for _, g in folds.groupby("fold"):
+        check_fold(g)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any(f"fold {test_a}: validation grouped by sample (auto: its training part has 1 patient(s) and 2 sample(s))"
+               in m for m in msgs)
+    assert any(f"fold {test_b}: no validation partition" in m and "1 patient(s) and 1 sample(s)" in m for m in msgs)
+
+
+def test_fold_messages_name_their_own_fold():
+    folds = make_folds(TWO_PATIENTS, 2, 0.25, 0)
+    f1 = folds[folds.fold == 1].copy()
+    f1.loc[f1.partition == "test", "partition"] = "fit"
+    with pytest.raises(AssertionError, match="^fold 1: "):
+        check_fold(f1)
+
+
+@pytest.mark.parametrize("value, field, fix", [
+    ("patient", "splits.validation", "use validation: none"),
+    ("sample", "splits.validation", "use validation: none"),
+])
+def test_a_set_policy_is_honoured_or_names_the_value_that_works(value, field, fix):
+    with pytest.raises(InputError) as exc:
+        make_folds(TWO_PATIENTS, 2, 0.25, 0, value, cohort="st")
+    assert exc.value.field == field and repr(value) in exc.value.message and fix in exc.value.message
+    assert set(make_folds(TWO_PATIENTS, 2, 0.25, 0, "none")["validation"]) == {"none"}
+    assert not (make_folds(TWO_PATIENTS, 2, 0.25, 0, "none")["partition"] == "val").any()
+    three = _samples([1, 2, 1, 3], 10)
+    assert set(make_folds(three, 2, 0.25, 0, "sample")["validation"]) == {"sample"}  # honoured though patient works
+    assert set(make_folds(three, 2, 0.25, 0)["validation"]) == {"patient"}
+
+
+def test_plan_is_pure_and_names_the_fold_count_that_works():
+    plans = plan_folds({"A": ["A1"], "B": ["B1", "B2"]}, 2)
+    assert [p.validation for p in sorted(plans, key=lambda p: p.test_patients)] == ["sample", "none"]
+    with pytest.raises(InputError) as exc:
+        plan_folds({"A": ["A1"], "B": ["B1", "B2"]}, 3, cohort="x")
+    assert exc.value.field == "splits.n_folds"
+    assert "3 folds need >= 3 patients; cohort 'x' has 2 patient(s) — use n_folds: 2" in exc.value.message
+    with pytest.raises(InputError, match="needs >= 2 patients"):
+        plan_folds({"A": ["A1", "A2"]}, 2)
+    with pytest.raises(InputError, match="splits.validation"):
+        plan_folds({"A": ["A1"], "B": ["B1"]}, 2, "by_slide")
+    assert [feasible_validation(p, s) for p, s in [(2, 2), (1, 2), (1, 1), (0, 0)]] == ["patient", "sample", "none",
+                                                                                         "none"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(spp=st.lists(st.integers(1, 3), min_size=2, max_size=8), seed=st.integers(0, 50), frac=st.floats(0.1, 0.6),
+       k=st.integers(2, 4), policy=st.sampled_from(["auto", "patient", "sample", "none"]))
+def test_every_cohort_size_either_plans_or_names_the_fix(spp, seed, frac, k, policy):
+    """Any cohort with >= n_folds patients gets folds (auto never fails); a set policy either holds in every
+    fold or is one InputError; every fold keeps what its policy promises, and breaking a promise is caught."""
+    t = _samples(spp, 20, seed)
+    if len(spp) < k:
+        with pytest.raises(InputError, match="use n_folds" if len(spp) >= 2 else "needs >= 2"):
+            make_folds(t, k, frac, seed, policy)
+        return
+    try:
+        folds = make_folds(t, k, frac, seed, policy)
+    except InputError as e:
+        assert policy in ("patient", "sample") and e.field == "splits.validation"
+        return
+    for fold, g in folds.groupby("fold"):
+        pol = g["validation"].iloc[0]
+        assert policy in ("auto", pol)
+        train = g[g.partition != "test"]
+        assert not set(g.loc[g.partition == "test", "patient_id"]) & set(train["patient_id"])
+        assert pol == feasible_validation(train["patient_id"].nunique(), len(train)) or policy != "auto"
+        if pol == "patient":
+            assert not set(train.loc[train.partition == "fit", "patient_id"]) & set(
+                train.loc[train.partition == "val", "patient_id"])
+        assert (g.partition == "val").any() == (pol != "none")
+        check_fold(g)
+        # a broken promise: a test patient's sample moved into training
+        bad = g.copy()
+        bad.loc[bad.index[bad.partition == "test"][0], "partition"] = "fit"
+        if (bad.partition == "test").any() and set(bad.loc[bad.partition == "test", "patient_id"]) & set(
+                bad.loc[bad.partition == "fit", "patient_id"]):
+            with pytest.raises(AssertionError):
+                check_fold(bad)
+        if pol == "none":  # a val row in a fold without validation
+            extra = g[g.partition == "fit"].iloc[[0]].assign(sample_id="extra", partition="val")
+            with pytest.raises(AssertionError, match="validation none"):
+                check_fold(pd.concat([g, extra]))
+        else:  # validation emptied
+            with pytest.raises(AssertionError, match="partition val is empty"):
+                check_fold(g.assign(partition=g.partition.replace("val", "fit")))
+
+
+def test_older_fold_tables_read_with_their_policy_inferred(tmp_path):
+    folds = make_folds(TWO_PATIENTS, 2, 0.25, 0)
+    p = tmp_path / "old.parquet"
+    folds.drop(columns="validation").to_parquet(p)
+    back = read_folds(p)
+    assert back["validation"].tolist() == folds["validation"].tolist()
+    rows = fold_rows(back, 0)
+    assert set(rows["validation"]) == set(folds.loc[folds.fold == 0, "validation"])

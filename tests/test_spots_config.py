@@ -69,9 +69,9 @@ def test_sheet_rows_are_validated_per_format(tmp_path, row, field, message):
 def test_columns_of_another_format_are_rejected(tmp_path):
     make_config(tmp_path)
     sheet = tmp_path / "samples.tsv"
-    sheet.write_text("sample_id\tpatient_id\tformat\thest_dir\tspaceranger_dir\the_path\n"
-                     "S1\tP1\tspaceranger\ts1\ts1\ts1/spatial/tissue_lowres_image.png\n"
-                     "S2\tP2\tspaceranger\t\ts2\ts2/spatial/tissue_lowres_image.png\n")
+    sheet.write_text("sample_id\tpatient_id\tformat\thest_dir\tspaceranger_dir\the_path\timage_scale\n"
+                     "S1\tP1\tspaceranger\ts1\ts1\ts1/spatial/tissue_lowres_image.png\tlowres\n"
+                     "S2\tP2\tspaceranger\t\ts2\ts2/spatial/tissue_lowres_image.png\tlowres\n")
     with pytest.raises(InputError, match="column hest_dir is not read by format spaceranger") as e:
         load_config(tmp_path / "config.yaml", config_file="config.yaml", workdir=tmp_path)
     assert e.value.field == "hest_dir"
@@ -116,7 +116,7 @@ def test_settings_file_checks(tmp_path):
 
 
 def test_folds_cannot_exceed_patients(tmp_path):
-    with pytest.raises(InputError, match="splits.n_folds is 3 but cohort 'mini' has 2 patient"):
+    with pytest.raises(InputError, match="3 folds need >= 3 patients; cohort 'mini' has 2 patient.* use n_folds: 2"):
         load(tmp_path, extra={"splits": {"n_folds": 3}})
 
 

@@ -78,8 +78,13 @@ def test_real_visium_mini_units_and_geometry(tmp_path):
     y = a.obs["y_px"].to_numpy()
     assert (np.diff(y) >= -1e-9).all()  # raster order
     assert np.allclose(a.obsm["spatial"], a.obs[["x_px", "y_px"]].to_numpy() * qc["mpp"]["mpp"])
-    # a stated µm/px 20% off the geometry is used, and warned about
-    qc = build_spot_units(sample="mini", patient="P", fmt="spaceranger", files=mini_files(), he_mpp=19.4,
+    # a stated µm/px 20% off the geometry contradicts spot_diameter_fullres and the pitch: it stops, naming he_mpp
+    with pytest.raises(InputError, match="sheet he_mpp 19.4 µm/px and .*spot_diameter_fullres.* 16.15") as e:
+        build_spot_units(sample="mini", patient="P", fmt="spaceranger", files={**mini_files(), "sheet": "s.tsv"},
+                         he_mpp=19.4, image_scale="lowres", cfg=CFG, **outputs(tmp_path))
+    assert e.value.field == "he_mpp" and e.value.file == "s.tsv"
+    # 7% off: used, and warned about
+    qc = build_spot_units(sample="mini", patient="P", fmt="spaceranger", files=mini_files(), he_mpp=17.3,
                           image_scale="lowres", cfg=CFG, **outputs(tmp_path))
     assert qc["mpp"]["source"] == "sheet he_mpp" and any("pitch" in w for w in qc["warnings"])
 
@@ -141,9 +146,12 @@ def test_pitch_and_mpp_resolution():
     r = resolve_mpp(sheet=None, hest=None, image=None, image_source="", spot_diameter_px=130.0, fullres_spot_um=65,
                     pitch_px=pitch, pitch_how=how, platform=p, tolerance=0.1)
     assert r.mpp == pytest.approx(0.5) and r.source.startswith("scalefactors") and r.checks["pitch"]["ok"]
-    with pytest.raises(InputError, match="no µm per pixel anywhere.*suggests 0.5"):
-        resolve_mpp(sheet=None, hest=None, image=None, image_source="", spot_diameter_px=None, fullres_spot_um=65,
+    r = resolve_mpp(sheet=None, hest=None, image=None, image_source="", spot_diameter_px=None, fullres_spot_um=65,
                     pitch_px=pitch, pitch_how=how, platform=p, tolerance=0.1)
+    assert r.mpp == pytest.approx(0.5) and r.source_key == "pitch" and "spot pitch" in r.warnings[0]
+    with pytest.raises(InputError, match="no µm per pixel anywhere"):
+        resolve_mpp(sheet=None, hest=None, image=None, image_source="", spot_diameter_px=None, fullres_spot_um=65,
+                    pitch_px=None, pitch_how="fewer than 2 spots", platform=p, tolerance=0.1)
 
 
 # ------------------------------------------------------------------------------ centring
@@ -248,20 +256,25 @@ def test_missing_h5(tmp_path):
     _expect_error(tmp_path, f, "matrix not found", "filtered_feature_bc_matrix.h5")
 
 
+STRICT = default_sections(spots={"missing_spots": "error"}).spots
+
+
 def test_matrix_barcode_without_position(tmp_path):
     f = _sr_copy(tmp_path)
     p = Path(f["positions"])
     lines = p.read_text().splitlines()
     first = next(i for i, ln in enumerate(lines) if ln.split(",")[1] == "1")  # an in-tissue (matrix) spot
     p.write_text("\n".join(lines[:first] + lines[first + 1:]) + "\n")
-    _expect_error(tmp_path, f, "1 matrix barcode\\(s\\) have no position", "tissue_positions_list.csv")
+    _expect_error(tmp_path, f, "1 spot\\(s\\) of the counts have no position", "tissue_positions_list.csv",
+                  cfg=STRICT)
 
 
 def test_in_tissue_position_without_counts(tmp_path):
     f = _sr_copy(tmp_path)
     p = Path(f["positions"])
     p.write_text(p.read_text() + "TTTTTTTTTTTTTTTT-1,1,70,70,9000,9000\n")
-    _expect_error(tmp_path, f, "in-tissue spot\\(s\\) of the positions are not in the matrix", "filtered_feature_bc_matrix.h5")
+    _expect_error(tmp_path, f, "1 selected / in-tissue spot\\(s\\) of the positions are not in the counts",
+                  "tissue_positions_list.csv", cfg=STRICT)
 
 
 def test_duplicate_spot_ids(tmp_path):
@@ -278,8 +291,14 @@ def test_duplicate_spot_ids(tmp_path):
 
 
 def test_no_scale_factors_and_no_mpp_anywhere(tmp_path):
+    """One in-tissue spot (no pitch), no scale factors, no he_mpp, a PNG without resolution."""
     f = _sr_copy(tmp_path)
     del f["scalefactors"]
+    pos = read_tissue_positions(f["positions"])
+    pos["in_tissue"] = (np.arange(len(pos)) == np.flatnonzero(pos["in_tissue"] == 1)[0]).astype(int)
+    for c in ("pxl_row_in_fullres", "pxl_col_in_fullres"):
+        pos[c] = pos[c] * 0.045004502
+    pos.to_csv(f["positions"], header=False, index=False)
     _expect_error(tmp_path, f, "no µm per pixel anywhere", "tissue_lowres_image.png", image_scale=None)
 
 

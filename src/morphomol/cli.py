@@ -113,10 +113,13 @@ def _samples(args: argparse.Namespace, cohort: str | None = None) -> tuple[objec
     from morphomol.config import load_config
     from morphomol.errors import InputError
     from morphomol.export.sample import workflow_paths
+    from morphomol.util.names import check_name
 
+    name = check_name(cohort or args.cohort, "--on" if cohort else "--cohort")
+    for s in args.samples or ():
+        check_name(s, "--samples")
     pc = load_config(args.config)
     paths = workflow_paths(args.results)
-    name = cohort or args.cohort
     if name not in pc.cohorts:
         raise InputError(f"unknown cohort {name!r}", file=args.config, field="cohorts",
                          expected="one of " + ", ".join(pc.cohorts))
@@ -158,6 +161,10 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     from morphomol.export.sample import finished_sample
     from morphomol.tools.predict import NewSample, predict_fusion, predict_spots, write_predictions
 
+    from morphomol.util.names import check_name
+
+    check_name(args.cohort, "--cohort")
+    check_name(args.setting, "--setting")
     pc, paths, samples = _samples(args, args.on)
     trained = pc.cohorts.get(args.cohort)
     if trained is None:
@@ -259,6 +266,14 @@ def main(argv: list[str] | None = None) -> int:
         rc = args.func(args)
     except MorphomolError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a full disk or a file size limit: one line; anything else keeps its traceback
+        from morphomol.smk import write_failure_message
+
+        message = write_failure_message(exc, getattr(args, "out", None))
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 1
     return int(rc or 0)
 

@@ -190,6 +190,10 @@ def tile_stats(cc: CellCounts, grid: TileGrid) -> tuple[np.ndarray, np.ndarray, 
 
 
 # ----------------------------------------------------------------------------- slide reading
+#: most level pixels one strip of read_downsampled holds (192 MB of RGB)
+STRIP_LEVEL_PX = 1 << 26
+
+
 def read_downsampled(slide: Any, box: Sequence[float], scale: float) -> np.ndarray:
     """RGB image of level-0 box (x0, y0, x1, y1) at ``scale`` level-0 px per output px."""
     from PIL import Image
@@ -199,8 +203,14 @@ def read_downsampled(slide: Any, box: Sequence[float], scale: float) -> np.ndarr
     oh = max(1, int(math.ceil((y1 - y0) / scale)))
     level = slide.get_best_level_for_downsample(max(scale, 1.0))
     ds = float(slide.level_downsamples[level])
+    check = getattr(slide, "check_decode", None)
+    if check is not None:  # no read decoding gigapixels of a slide without a suitable pyramid level
+        check(level, (x0, y0, x1, y1), what=f"tissue thumbnail at {scale:g} level-0 px per px")
     out = np.empty((oh, ow, 3), np.uint8)
     rows_per_strip = max(1, int(2048 * ds / scale))  # output rows per strip (bounded memory)
+    level_w = (x1 - x0) / ds + 2
+    if rows_per_strip * scale / ds * level_w > STRIP_LEVEL_PX:  # a wide level: fewer rows per strip
+        rows_per_strip = max(1, int(STRIP_LEVEL_PX / level_w * ds / scale))
     for r0 in range(0, oh, rows_per_strip):
         r1 = min(oh, r0 + rows_per_strip)
         sy0, sy1 = y0 + r0 * scale, y0 + r1 * scale

@@ -11,7 +11,8 @@
 #   cells_fold        results/{cohort}/cells/folds/fold{k}.{parquet,json}   the fold's HVGs and sentences (streamed)
 #   cells_train       results/{cohort}/cells/runs/llm/fold{k}/      LoRA adapter, train metrics, step log (GPU)
 #   cells_eval        results/{cohort}/cells/runs/{llm,untuned}/fold{k}/   both decoding modes (GPU)
-#   cells_baselines   results/{cohort}/cells/runs/baselines/fold{k}/  majority, logreg, kNN, null, image
+#   cells_baselines   results/{cohort}/cells/runs/baselines/fold{k}/  majority, logreg, kNN, null, image (C, scaling,
+#                                                                     k by inner CV over the fit donors)
 #   cells_tables      results/{cohort}/cells/tables/                 seed table, ladder, modality matrix, ...
 #   cells_plots       results/{cohort}/cells/tables/plots/           confusion, per-class F1, loss curves
 #
@@ -290,7 +291,7 @@ rule cells_baselines:
     threads: 1
     resources:
         mem_mb=mem_mb(2500, 0.25, "units"),  # fit cells' sparse HVG matrix + bounded kNN / image reference
-        runtime=runtime_min(15, 0.005, "units"),
+        runtime=runtime_min(30, 0.005, "units"),  # + the inner CV on the bounded reference (C, scaling, k)
     conda:
         "../../envs/morphomol.yaml"
     script:

@@ -18,6 +18,21 @@ from morphomol.config.sections import to_plain  # noqa: E402
 from morphomol.errors import MorphomolError  # noqa: E402
 from morphomol.io.sheets import INGESTED, sample_sources  # noqa: E402
 from morphomol.io.xenium_layout import bundle_files  # noqa: E402
+from morphomol.util.offline import offline_environment  # noqa: E402
+
+# No hub at run time: every job inherits HF_HUB_OFFLINE=1 ... (morphomol.util.offline; README "Offline")
+offline_environment()
+
+# Snakemake's own config loader says only "not valid JSON or YAML": read config.yaml with the loader of
+# `morphomol check-config` first, so that a YAML error (a `!!python` tag, a tab) names file, line, column.
+# (Files given with --configfile are parsed by Snakemake before this file runs: check-config names theirs.)
+from morphomol.config.schema import read_yaml  # noqa: E402
+
+if Path("config/config.yaml").is_file():
+    try:
+        read_yaml("config/config.yaml", "config")
+    except MorphomolError as _exc:
+        raise WorkflowError(f"invalid configuration: {_exc.message}")
 
 
 configfile: "config/config.yaml"
@@ -25,7 +40,8 @@ configfile: "config/config.yaml"
 
 _CONFIG_FILE = (list(workflow.overwrite_configfiles) or ["config/config.yaml"])[-1]
 try:
-    PIPELINE = load_config(config, config_file=_CONFIG_FILE, workdir=Path.cwd())
+    # a cluster job re-parses the workflow: the per-sample pre-flight (reading input files) ran at submission
+    PIPELINE = load_config(config, config_file=_CONFIG_FILE, workdir=Path.cwd(), preflight=not workflow.remote_exec)
 except MorphomolError as _exc:
     raise WorkflowError(f"invalid configuration: {_exc.message}")
 

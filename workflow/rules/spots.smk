@@ -9,7 +9,7 @@
 #   spots_captions   results/{cohort}/samples/{sample}/captions_vlm.parquet   captions of a local VLM (GPU)
 #   spots_text       results/{cohort}/spots/text/                  captions + sentence embeddings (cohort)
 #   spots_train      results/{cohort}/spots/runs/{setting}/        every fold x seed of a setting
-#   spots_baseline   results/{cohort}/spots/runs/{ridge_hest,ridge_cv,mean}/   baselines on the same splits
+#   spots_baseline   results/{cohort}/spots/runs/{ridge_hest,ridge_cv,mean,depth_only}/   baselines on the same splits
 #   spots_tables     results/{cohort}/spots/tables/                settings / seeds / comparisons tables, metadata
 #   spots_outputs    results/{cohort}/spots/{samples,maps}/        per-sample AnnData (measured / predicted), maps
 #
@@ -64,7 +64,7 @@ rule spots_units:
         he_mpp=sample_field("he_mpp"),
         image_scale=sample_field("image_scale"),
         sheet=lambda w: str(cohort_of(w).sheet_path),
-        spots=spots_section("patches", "geometry"),
+        spots=spots_section("patches", "geometry", "missing_spots"),
     log:
         P.log("spots_units"),
     benchmark:
@@ -223,6 +223,9 @@ rule spots_baseline:
 rule spots_tables:
     input:
         metrics=lambda w: [P.spots_run("metrics.json", w.cohort, n) for n in spots_run_names(w.cohort)],
+        # the within-sample Pearson: each run's test predictions, read one sample at a time, by the fold table
+        predictions=lambda w: [P.spots_run("predictions.parquet", w.cohort, n) for n in spots_run_names(w.cohort)],
+        folds=P.folds(),
     output:
         settings=report(P.table(SPOTS, "spots_settings.csv"), caption="../report/spots_settings.rst",
                         category="{cohort}", subcategory="Spots tables", labels={"table": "settings and baselines"}),
@@ -248,14 +251,17 @@ rule spots_tables:
         settings=lambda w: {n: s.to_dict() for n, s in SPOTS_SETTINGS[w.cohort].items()},
         reasons=lambda w: spots_reasons(w.cohort),
         reference=lambda w: spots_cfg(w).reference,
+        names=lambda w: spots_run_names(w.cohort),
+        transform=lambda w: spots_cfg(w).targets.transform,
         models=lambda w: spots_models_meta(w.cohort),
         config=lambda w: spots_config_meta(w.cohort),
     log:
         P.log("spots_tables", "tables"),
     threads: 1
     resources:
+        # one sample's rows of one run's predictions at a time (+ per-gene sums)
         mem_mb=resource("cpu_mem_mb"),
-        runtime=30,
+        runtime=runtime_min(30, 0.02, "predictions"),
     conda:
         "../../envs/morphomol.yaml"
     script:

@@ -68,7 +68,7 @@ def spots_baselines(cohort):
     b = sp.baselines
     features_ok = not (get_spec(sp.encoder).requires_weights and not cfg_of(cohort).weights(sp.encoder))
     out = [n for n, on in (("ridge_hest", b.ridge_hest), ("ridge_cv", b.ridge_cv)) if on and features_ok]
-    return out + (["mean"] if b.mean else [])
+    return out + (["mean"] if b.mean else []) + (["depth_only"] if b.depth_only else [])
 
 
 def spots_model_dir(which):
@@ -144,7 +144,7 @@ def spots_train_inputs(w):
 
 
 def spots_baseline_inputs(w):
-    return spots_common_inputs(w, None if w.baseline == "mean" else cfg_of(w).spots.encoder)
+    return spots_common_inputs(w, None if w.baseline in ("mean", "depth_only") else cfg_of(w).spots.encoder)
 
 
 def spots_run_names(cohort):

@@ -386,7 +386,8 @@ def check_options(alphas: Sequence[float] | None, select_by: str) -> list[float]
 
 def inner_plan(patient_units: Mapping[str, int], alphas: Sequence[float], inner_folds: int
                ) -> tuple[dict[str, int], int]:
-    """(patient -> inner fold, number of inner folds); one group and 0 folds when there is one alpha."""
+    """(patient -> inner fold, number of inner folds); one group and 0 folds when there is one alpha.
+    (:func:`inner_plan_samples`: the fold policy's grouping, which never needs two patients.)"""
     if len(alphas) == 1:
         return {p: 0 for p in patient_units}, 0
     n_groups = len(patient_units)
@@ -397,12 +398,41 @@ def inner_plan(patient_units: Mapping[str, int], alphas: Sequence[float], inner_
     return inner_groups(list(patient_units), list(patient_units.values()), k), k
 
 
+def inner_plan_samples(train: pd.DataFrame, alphas: Sequence[float], inner_folds: int
+                       ) -> tuple[dict[str, int], int, str]:
+    """The inner CV choosing alpha, grouped by the shared policy (:mod:`morphomol.splits`): by patient when the
+    training rows (``sample_id, patient_id, n_units``) hold >= 2 patients, else by sample (>= 2 samples), else
+    none (the middle alpha, logged). Returns (sample -> inner fold, number of inner folds, grouping)."""
+    from morphomol.splits import feasible_validation
+
+    by = feasible_validation(train["patient_id"].nunique(), train["sample_id"].nunique())
+    key = {"patient": "patient_id", "sample": "sample_id"}.get(by, "sample_id")
+    units = train.groupby(key, sort=True)["n_units"].sum()
+    if len(units) < 2:  # one training sample: no inner CV (fit_from_sums takes the middle alpha)
+        plan, n_inner = {str(g): 0 for g in units.index}, 0
+    else:
+        plan, n_inner = inner_plan({str(g): int(n) for g, n in units.items()}, alphas, inner_folds)
+    if len(alphas) > 1 and n_inner == 0:
+        log.info("one training sample: no inner CV, alpha %.3g (the middle of %d alphas)", middle_alpha(alphas),
+                 len(alphas))
+    elif len(alphas) > 1 and by == "sample":
+        log.info("one training patient: alpha chosen by inner CV over its %d samples", len(units))
+    return ({str(s): plan[str(g)] for s, g in zip(train["sample_id"], train[key], strict=True)}, n_inner,
+            by if n_inner else "none")
+
+
+def middle_alpha(alphas: Sequence[float]) -> float:
+    return float(sorted(alphas)[len(alphas) // 2])
+
+
 def fit_from_sums(sums: MomentSums, alphas: Sequence[float], *, n_components: int, select_by: str,
                   n_inner: int) -> dict[str, Any]:
     """Choose alpha (inner CV over the groups of ``sums`` when there are several alphas) and fit on all rows:
     ``alpha``, ``cv``, ``fit`` (:class:`PcaRidge`), ``n_components``, ``n_inner_folds``."""
     if len(alphas) == 1:
         best, cv = alphas[0], {}
+    elif n_inner < 1:  # a single training group: no inner CV possible (validation policy none)
+        best, cv = middle_alpha(alphas), {}
     else:
         best, cv = select_alpha(sums, alphas, n_components, select_by)
     fit = fit_pca_ridge(sums.total(), n_components)
@@ -693,11 +723,11 @@ def run_ridge_fold(
             opened[r.sample_id] = open_sample(r.sample_id, units[r.sample_id], features[r.sample_id])
             _check_units(opened[r.sample_id], r.n_units, folds)
     patient_units = train.groupby("patient_id", sort=True)["n_units"].sum()
-    plan, n_inner = inner_plan({str(p): int(n) for p, n in patient_units.items()}, alphas, inner_folds)
+    plan, n_inner, _ = inner_plan_samples(train, alphas, inner_folds)
     n_train = int(train["n_units"].sum())
     log.info("ridge %s fold %d: %d train tiles (%d patients), %d test tiles, %d genes, dim %d", encoder, fold,
              n_train, len(patient_units), int(test["n_units"].sum()), len(genes), dim)
-    sums = accumulate([(opened[s], plan[p]) for s, p in zip(train["sample_id"], train["patient_id"], strict=True)],
+    sums = accumulate([(opened[s], plan[s]) for s in train["sample_id"]],
                       genes, log1p_counts, dim=dim, n_groups=max(1, n_inner), chunk_rows=step)
     if sums.n < 2:
         raise InputError(f"ridge needs at least 2 training tiles, got {sums.n}", file=folds, field="partition")

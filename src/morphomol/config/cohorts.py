@@ -265,10 +265,11 @@ def check_encoders(cfg: Sections, *, file: Path, cohort: Cohort | None = None, w
 
 
 def load_config(config: dict[str, Any] | str | Path, *, config_file: str | Path = "config/config.yaml",
-                workdir: str | Path | None = None) -> PipelineConfig:
+                workdir: str | Path | None = None, preflight: bool = True) -> PipelineConfig:
     """Validate the configuration (in place: schema defaults are filled) and load every cohort.
 
-    ``config`` is the parsed ``config.yaml`` (Snakemake's ``config``) or its path.
+    ``config`` is the parsed ``config.yaml`` (Snakemake's ``config``) or its path. ``preflight``: run the studies'
+    per-sample pre-flight checks that read input files (False inside a cluster job: the submitting process did).
     """
     from morphomol import studies
 
@@ -288,7 +289,7 @@ def load_config(config: dict[str, Any] | str | Path, *, config_file: str | Path 
         cohort = load_cohort(name, cpath, raw_base, workdir=workdir, config_file=config_file)
         check_encoders(cohort.cfg, file=config_file, cohort=cohort, workdir=workdir)
         for s in cohort.studies:
-            studies.get_study(s).check(cohort, workdir=workdir, config_file=config_file)
+            studies.get_study(s).check(cohort, workdir=workdir, config_file=config_file, preflight=preflight)
         cohorts[name] = cohort
     return PipelineConfig(config_file=config_file, workdir=workdir, raw=config, base=base, cohorts=cohorts)
 

@@ -120,11 +120,18 @@ def schema_defaults(schema: str | Path, **required: Any) -> dict[str, Any]:
     return data
 
 
-def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+#: mappings an override replaces as a whole instead of merging into (dotted paths from the config root): a
+#: user's task schedule lists exactly the tasks to train, the defaults are not merged back into it
+REPLACED = frozenset({"cells.tasks"})
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any], _path: str = "") -> dict[str, Any]:
+    """``override`` merged into ``base`` (mappings recursively, except the :data:`REPLACED` ones)."""
     out = copy.deepcopy(dict(base))
     for k, v in override.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
+        path = f"{_path}.{k}" if _path else str(k)
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and path not in REPLACED:
+            out[k] = deep_merge(out[k], v, path)
         else:
             out[k] = copy.deepcopy(v)
     return out

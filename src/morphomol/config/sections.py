@@ -61,8 +61,11 @@ class PanelsConfig:
 
 @dataclass(frozen=True)
 class SplitsConfig:
+    """``splits``: patient-grouped outer folds and the validation policy (see :mod:`morphomol.splits`)."""
+
     n_folds: int
     val_fraction: float
+    validation: str = "auto"  # auto | patient | sample | none
 
 
 @dataclass(frozen=True)

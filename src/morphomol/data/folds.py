@@ -1,9 +1,11 @@
 """A cohort's fold artifacts: ``splits/folds.parquet`` and a study's ``panels/fold{k}.json``.
 
 The fold table (written once per cohort by :func:`morphomol.splits.write_folds`) has one row per (fold,
-sample): ``fold, sample_id, patient_id, n_units, partition`` (fit | val | test). Every unit of a sample is in
-the sample's partition. Patient grouping is asserted when the table is written and again when a fold is
-read for training (:func:`fold_rows`).
+sample): ``fold, sample_id, patient_id, n_units, partition`` (fit | val | test) and ``validation`` (the fold's
+validation policy: patient | sample | none; inferred from the partitions for tables written before the
+column existed). Every unit of a sample is in the sample's partition. What the policy promises is asserted
+when the table is written and again when a fold is read for training (:func:`fold_rows`); a fold with policy
+``none`` has no val rows (its trainers run fixed epochs without early stopping).
 
 Unit-level splits (``tile_id, sample_id, patient_id, index, partition``: what the training loaders take)
 exist only inside the job that needs them: :func:`unit_split` expands one fold over the unit ids of the
@@ -22,7 +24,7 @@ import pandas as pd
 from morphomol.errors import InputError
 from morphomol.util.jsonio import read_json
 
-FOLDS_COLUMNS = ("fold", "sample_id", "patient_id", "n_units", "partition")
+FOLDS_COLUMNS = ("fold", "sample_id", "patient_id", "n_units", "partition")  # required (+ optional "validation")
 SPLIT_COLUMNS = ("tile_id", "sample_id", "patient_id", "index", "partition")
 PARTITIONS = ("fit", "val", "test")
 
@@ -43,6 +45,17 @@ def read_folds(path: str | Path) -> pd.DataFrame:
     df["patient_id"] = df["patient_id"].astype(str)
     df["partition"] = df["partition"].astype(str)
     df["fold"] = df["fold"].astype(np.int64)
+    if "validation" not in df.columns:  # a table written before the policy was recorded
+        from morphomol.splits import infer_validation
+
+        policy = {int(k): infer_validation(g) for k, g in df.groupby("fold")}
+        df["validation"] = df["fold"].map(policy).astype(str)
+    else:
+        df["validation"] = df["validation"].astype(str)
+        bad_v = sorted(set(df["validation"]) - {"patient", "sample", "none"})
+        if bad_v:
+            raise InputError(f"unknown validation policy {bad_v}", file=p, field="validation",
+                             expected="patient | sample | none")
     return df
 
 
@@ -61,8 +74,13 @@ def fold_rows(folds: pd.DataFrame | str | Path, fold: int, *, check: bool = True
         raise InputError(f"fold {fold} is not in the fold table ({n_folds(f)} folds)", field="splits.n_folds",
                          expected=f"a fold in 0..{n_folds(f) - 1}")
     if check:
-        check_fold(rows)
+        check_fold(rows, fold=int(fold))
     return rows
+
+
+def fold_validation(folds: pd.DataFrame | str | Path, fold: int) -> str:
+    """The validation policy of fold ``fold``: patient | sample | none (``none``: no val partition)."""
+    return str(fold_rows(folds, fold)["validation"].iloc[0])
 
 
 def sample_partitions(folds: pd.DataFrame | str | Path, fold: int) -> dict[str, str]:
@@ -109,6 +127,7 @@ def unit_split(folds: pd.DataFrame | str | Path, fold: int, units: Mapping[str, 
     out = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(SPLIT_COLUMNS))
     for c in ("sample_id", "patient_id", "partition"):
         out[c] = out[c].astype(str)
+    out.attrs["validation"] = str(rows["validation"].iloc[0])  # the fold's policy (check_fold reads it)
     return out
 
 

@@ -113,11 +113,14 @@ def _read_safetensors(path: Path, field: str) -> dict[str, torch.Tensor]:
 def _read_torch(path: Path, field: str) -> dict[str, torch.Tensor]:
     import torch
 
+    from morphomol.util.torchload import load_failure_reason
+
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise InputError(
-            f"refusing to load: not a plain state dict under torch.load(weights_only=True) ({exc})",
+            f"refusing to load: not a plain state dict under torch.load(weights_only=True) "
+            f"({load_failure_reason(exc)})",
             file=path,
             field=field,
             expected="a tensor-only state dict (.pt/.bin) or a .safetensors file",

@@ -13,6 +13,10 @@ Spearman (MSE/MAE stay defined); the fold means use ``nanmean`` over the genes w
 correlation is defined, and ``n_undefined`` counts the others. In JSON, NaN is written as
 ``null`` (:func:`morphomol.util.jsonio.write_json`).
 
+Within-sample Pearson (the spots tables, beside the pooled one): :class:`WithinSamplePearson` scores each
+sample's units alone and averages over samples, so that differences between samples (sequencing depth,
+batch) do not count as prediction; streamed one sample at a time.
+
 Retrieval (Table A.2): image -> transcript retrieval *within chunks* of ``chunk_size`` test
 tiles (the paper's batch of 256). The test tiles are put in a seeded random order (so a chunk
 mixes samples, as a shuffled test batch does), split into consecutive chunks of exactly
@@ -158,4 +162,86 @@ def recall_at_k(img: np.ndarray, txt: np.ndarray, ks: Sequence[int] = (1, 5), ch
     for k in ks:
         out[f"recall@{k}"] = hits[k] / n_queries
         out[f"random_recall@{k}"] = random[k] / n_queries
+    return out
+
+
+# ------------------------------------------------------------------------------ within-sample Pearson
+#: a sample takes part in a gene's within-sample Pearson only with at least this many test spots
+WITHIN_MIN_UNITS = 10
+
+
+class WithinSamplePearson:
+    """Per-gene Pearson computed **within each sample**, then averaged over the samples (unweighted).
+
+    The pooled Pearson of :func:`per_gene_metrics` runs over every test unit of a fold, so differences
+    between samples (sequencing depth, batch) count as signal: predicting each sample's level is enough.
+    Here each sample is scored alone; a (sample, gene) takes part only when the sample has at least
+    ``min_units`` units and both the true and the predicted values of the gene vary within it. A gene's
+    value is the mean over its defined samples (NaN when none); :meth:`summary` averages over genes like
+    :func:`summarize` (``nanmean``). Streaming: :meth:`add` takes one sample's rows at a time and keeps only
+    per-gene sums (memory O(genes)), so predictions can be read one sample at a time."""
+
+    def __init__(self, min_units: int = WITHIN_MIN_UNITS) -> None:
+        self.min_units = int(min_units)
+        self._sum: dict[str, float] = {}
+        self._n: dict[str, int] = {}
+        self.n_samples = 0          # samples added
+        self.n_small = 0            # samples with fewer than min_units units (skipped)
+
+    def add(self, y: np.ndarray, y_hat: np.ndarray, genes: Sequence[str]) -> np.ndarray:
+        """Add one sample's (N, G) true / predicted values; returns that sample's per-gene Pearson (NaN where
+        undefined or when the sample is too small)."""
+        y = np.asarray(y, dtype=np.float64)
+        y_hat = np.asarray(y_hat, dtype=np.float64)
+        genes = [str(g) for g in genes]
+        if y.shape != y_hat.shape or y.ndim != 2 or y.shape[1] != len(genes):
+            raise ValueError(f"shape mismatch: y {y.shape}, y_hat {y_hat.shape}, {len(genes)} genes")
+        self.n_samples += 1
+        for g in genes:
+            self._sum.setdefault(g, 0.0)
+            self._n.setdefault(g, 0)
+        if y.shape[0] < max(self.min_units, 2):
+            self.n_small += 1
+            return np.full(len(genes), np.nan)
+        r = column_pearson(y, y_hat)
+        for g, v in zip(genes, r, strict=True):
+            if np.isfinite(v):
+                self._sum[g] += float(v)
+                self._n[g] += 1
+        return r
+
+    def per_gene(self) -> pd.DataFrame:
+        """``pearson`` (mean over the gene's defined samples) and ``n_samples`` per gene (index = genes)."""
+        genes = list(self._sum)
+        n = np.array([self._n[g] for g in genes], np.int64)
+        s = np.array([self._sum[g] for g in genes], np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r = np.where(n > 0, s / np.maximum(n, 1), np.nan)
+        return pd.DataFrame({"pearson": r, "n_samples": n}, index=pd.Index(genes, name="gene"))
+
+    def summary(self) -> dict[str, Any]:
+        """``pearson`` (mean over genes with a defined value), ``n_genes``, ``n_undefined``, ``n_samples``,
+        ``n_small`` (samples below ``min_units``), ``min_units``."""
+        pg = self.per_gene()
+        v = pg["pearson"].to_numpy(np.float64)
+        return {"pearson": float(np.nanmean(v)) if np.isfinite(v).any() else float("nan"), "n_genes": len(v),
+                "n_undefined": int((~np.isfinite(v)).sum()), "n_samples": self.n_samples, "n_small": self.n_small,
+                "min_units": self.min_units}
+
+
+def within_sample_pearson(y: np.ndarray, y_hat: np.ndarray, samples: Sequence[str], genes: Sequence[str], *,
+                          min_units: int = WITHIN_MIN_UNITS) -> dict[str, Any]:
+    """:class:`WithinSamplePearson` over in-memory rows grouped by ``samples`` (one label per row): the
+    :meth:`~WithinSamplePearson.summary` plus ``per_gene`` (gene -> mean within-sample Pearson)."""
+    y = np.asarray(y)
+    y_hat = np.asarray(y_hat)
+    labels = np.asarray([str(s) for s in samples], dtype=object)
+    if len(labels) != y.shape[0]:
+        raise ValueError(f"{len(labels)} sample labels for {y.shape[0]} rows")
+    acc = WithinSamplePearson(min_units)
+    for s in dict.fromkeys(labels.tolist()):
+        rows = np.flatnonzero(labels == s)
+        acc.add(y[rows], y_hat[rows], genes)
+    out = acc.summary()
+    out["per_gene"] = {g: float(v) for g, v in acc.per_gene()["pearson"].items()}
     return out

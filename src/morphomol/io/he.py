@@ -13,6 +13,14 @@ Microns per pixel at level 0, first found wins: the ``mpp`` argument (the sample
 ``he_mpp``), ``openslide.mpp-x``, TIFF resolution tags (unit centimetre or inch), Aperio
 ``MPP``, OME ``PhysicalSizeX``, PNG/JPEG dpi. Metadata values outside
 :data:`PLAUSIBLE_MPP` (e.g. a 72 dpi default) are ignored. No MPP -> InputError.
+
+Bounded reads: a file is only a header plus tiles, so a few MB can declare 200,000 x 200,000 px.
+:func:`open_slide` refuses a level-0 side over :data:`MAX_SIDE_PX`, and every downsampled read
+(:meth:`Slide.thumbnail`, ``tiling.read_downsampled``, the registration rasters) first asks
+:meth:`Slide.check_decode`: a read that would decode more than :data:`MAX_DECODE_PX` pixels of a
+pyramid level (no level close to the resolution needed) is refused with one InputError naming the
+file, instead of decoding tens of gigapixels. Thumbnails are read in strips of at most
+:data:`STRIP_PX` level pixels.
 """
 
 from __future__ import annotations
@@ -28,12 +36,19 @@ import numpy as np
 from morphomol.errors import InputError
 from morphomol.util.logs import get_logger
 
-__all__ = ["Slide", "open_slide", "PLAUSIBLE_MPP"]
+__all__ = ["Slide", "open_slide", "PLAUSIBLE_MPP", "MAX_SIDE_PX", "MAX_DECODE_PX"]
 
 log = get_logger("io.he")
 
 #: µm/px range accepted from file metadata (an explicit ``mpp`` argument is always used)
 PLAUSIBLE_MPP: tuple[float, float] = (0.02, 50.0)
+#: largest level-0 side accepted (a whole 75 mm slide at 0.1 µm/px is 750,000 px)
+MAX_SIDE_PX = 1_000_000
+#: most pixels of one pyramid level a downsampled read (thumbnail, tissue mask, raster) may decode:
+#: 2^32 px (12.9 GB of RGB). A slide needing more has no pyramid level near the resolution asked for.
+MAX_DECODE_PX = 1 << 32
+#: level pixels per strip of a streamed thumbnail (192 MB of RGB)
+STRIP_PX = 1 << 26
 _OME_UNITS_UM = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6, "Å": 1e-4}
 
 
@@ -216,6 +231,24 @@ class Slide:
     def close(self) -> None:
         self._backend.close()
 
+    def check_decode(self, level: int, box: tuple[float, float, float, float] | None = None, *,
+                     what: str = "downsampled read") -> None:
+        """Refuse a read of level-0 ``box`` (whole slide if None) at ``level`` that would decode more
+        than :data:`MAX_DECODE_PX` pixels (one InputError naming the file and what to do)."""
+        w0, h0 = self.dimensions
+        x0, y0, x1, y1 = box if box is not None else (0.0, 0.0, float(w0), float(h0))
+        ds = float(self.level_downsamples[level])
+        n = max(0.0, (x1 - x0) / ds) * max(0.0, (y1 - y0) / ds)
+        if n > MAX_DECODE_PX:
+            smallest = self.level_dimensions[-1]
+            raise InputError(
+                f"the image declares {w0} x {h0} px at level 0 and its smallest pyramid level is "
+                f"{smallest[0]} x {smallest[1]} px: a {what} would decode {n / 1e9:.1f} gigapixels "
+                f"(more than {MAX_DECODE_PX / 1e9:.1f}); refused",
+                file=self.path, field="dimensions",
+                expected="a slide with a pyramid (reduced-resolution levels), e.g. written with "
+                         "`vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg`, and real dimensions")
+
     def get_best_level_for_downsample(self, downsample: float) -> int:
         """Largest level whose downsample does not exceed ``downsample`` (OpenSlide's rule)."""
         best = 0
@@ -266,13 +299,36 @@ class Slide:
         target = max(w0, h0) / float(max_size)
         level = self.get_best_level_for_downsample(max(target, 1.0))
         lw, lh = self.level_dimensions[level]
-        img = self.read_region((0, 0), level, (lw, lh))
+        self.check_decode(level, what=f"thumbnail of at most {max_size} px")
         scale = min(1.0, max_size / max(lw, lh))
-        if scale < 1.0:
-            size = (max(1, int(round(lw * scale))), max(1, int(round(lh * scale))))
-            img = np.asarray(Image.fromarray(img).resize(size, Image.Resampling.LANCZOS))
+        if lw * lh <= STRIP_PX:  # the level in one read
+            img = self.read_region((0, 0), level, (lw, lh))
+            if scale < 1.0:
+                size = (max(1, int(round(lw * scale))), max(1, int(round(lh * scale))))
+                img = np.asarray(Image.fromarray(img).resize(size, Image.Resampling.LANCZOS))
+        else:  # a large level: strips of at most STRIP_PX level px, each resized into its rows
+            img = self._thumbnail_strips(level, scale)
         downsample = ((w0 / img.shape[1]) + (h0 / img.shape[0])) / 2.0
         return img, float(downsample)
+
+
+    def _thumbnail_strips(self, level: int, scale: float) -> np.ndarray:
+        from PIL import Image
+
+        lw, lh = self.level_dimensions[level]
+        ds = float(self.level_downsamples[level])
+        ow, oh = max(1, int(round(lw * scale))), max(1, int(round(lh * scale)))
+        fy = lh / oh  # level rows per output row
+        rows = max(1, int((STRIP_PX // max(lw, 1)) / fy))  # output rows per strip
+        out = np.empty((oh, ow, 3), np.uint8)
+        for r0 in range(0, oh, rows):
+            r1 = min(oh, r0 + rows)
+            ly0, ly1 = int(math.floor(r0 * fy)), min(lh, int(math.ceil(r1 * fy)))
+            region = self.read_region((0, int(round(ly0 * ds))), level, (lw, ly1 - ly0))
+            box = (0.0, r0 * fy - ly0, float(lw), r1 * fy - ly0)
+            out[r0:r1] = np.asarray(Image.fromarray(np.ascontiguousarray(region)).resize(
+                (ow, r1 - r0), Image.Resampling.LANCZOS, box=box))
+        return out
 
 
 # ---------------------------------------------------------------------- opening
@@ -441,6 +497,12 @@ def open_slide(path: str | Path, mpp: float | str | None = None) -> Slide:
             field="mpp",
             expected="a resolution in the file or he_mpp in the sample sheet",
         )
+    w0, h0 = backend.level_dimensions[0]
+    if max(w0, h0) > MAX_SIDE_PX or min(w0, h0) < 1:
+        backend.close()
+        raise InputError(f"the image declares {w0} x {h0} px at level 0", file=p, field="dimensions",
+                         expected=f"between 1 and {MAX_SIDE_PX} px per side (a whole slide at 0.1 µm/px "
+                                  "is under 750,000 px)")
     slide = Slide(p, backend, final, source)
     slide.meta_mpp = meta_mpp  # what the file itself says (None: nothing), whatever the sheet overrides
     slide.meta_mpp_source = meta_source

@@ -4,7 +4,10 @@ Formats
 -------
 * Keypoints CSV (Xenium Explorer export): header ``fixedX,fixedY,alignmentX,alignmentY``
   (fixed = morphology/DAPI image pixels, alignment = H&E pixels), optionally a ``region``
-  column (label of the tissue region the landmark belongs to). Extra columns are ignored.
+  column (label of the tissue region the landmark belongs to). Extra columns are ignored. A row
+  repeating an earlier row (same four coordinates and region) is the same landmark pair, not a new
+  one: it is dropped with a warning naming the lines (repeats would weigh a pair twice in the fit and
+  make its leave-one-out error look smaller than it is).
 * Alignment matrix CSV (``*_he_imagealignment.csv``): headerless 3×3 affine, comma (or
   whitespace) separated, mapping H&E pixels → morphology pixels.
 * Regions: GeoJSON polygons / multipolygons (holes kept) or Xenium Explorer selection CSVs in
@@ -25,6 +28,9 @@ import numpy as np
 
 from morphomol.errors import InputError
 from morphomol.io.regions import RegionPolygon, read_regions, read_regions_geojson  # noqa: F401  (re-exported)
+from morphomol.util.logs import get_logger
+
+log = get_logger("landmarks")
 
 KEYPOINT_COLUMNS = ("fixedX", "fixedY", "alignmentX", "alignmentY")
 REGION_COLUMN = "region"
@@ -175,6 +181,23 @@ def read_keypoints(path: str | Path) -> Keypoints:
             regs.append(lab)
     if not vals:
         raise InputError("no landmark rows", file=path, field="rows", expected="at least 3 landmark pairs")
+    first: dict[tuple, int] = {}
+    keep: list[int] = []
+    repeats: list[str] = []
+    for i, v in enumerate(vals):
+        key = (*v, regs[i] if ridx is not None else None)
+        if key in first:
+            repeats.append(f"line {rows[i]} repeats line {rows[first[key]]}")
+        else:
+            first[key] = i
+            keep.append(i)
+    if repeats:
+        log.warning("%s: %d repeated landmark row(s) dropped (a repeated pair is one landmark): %s%s", path,
+                    len(repeats), "; ".join(repeats[:10]), " ..." if len(repeats) > 10 else "")
+        vals = [vals[i] for i in keep]
+        rows = [rows[i] for i in keep]
+        if ridx is not None:
+            regs = [regs[i] for i in keep]
     arr = np.asarray(vals, dtype=float)
     return Keypoints(path=path, fixed_px=arr[:, 0:2].copy(), moving_px=arr[:, 2:4].copy(),
                      regions=regs if ridx is not None else None, rows=np.asarray(rows, dtype=int))

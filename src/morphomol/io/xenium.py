@@ -257,6 +257,9 @@ class XeniumBundle:
                 arr = rb.column(0)
                 n += len(arr)
                 names.update(_batch_names(arr, self.transcripts_path, n - len(arr)))
+            if n == 0:  # before any panel check: "every panel gene absent" would hide the real problem
+                raise InputError("transcripts file is empty (no transcript rows)", file=self.transcripts_path, field="rows",
+                                 expected="a transcript table with at least one row")
             self._features = sorted(names)
             self._genes = [g for g in self._features if not is_control(g)]
             log.info("%s: %d features (%d genes) in %d rows", self.transcripts_path.name, len(self._features), len(self._genes), n)
@@ -372,7 +375,8 @@ class XeniumBundle:
                 )
             offset += n
         if n_rows == 0:
-            raise InputError("no transcript rows", file=f, expected="a non-empty transcript table")
+            raise InputError("transcripts file is empty (no transcript rows)", file=f, field="rows",
+                             expected="a transcript table with at least one row")
         if n_kept == 0:
             raise InputError(
                 f"no transcripts left after filtering: {n_rows} rows read, {n_ctrl} control rows dropped, "

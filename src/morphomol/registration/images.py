@@ -153,6 +153,10 @@ def load_he(slide: SlideSource, target_mpp: float, bbox_l0: Sequence[float] | No
     if w_l < f or h_l < f:
         raise InputError("region is too small at the refinement resolution", field="registration.refine_mpp",
                          expected="a smaller refine_mpp")
+    check = getattr(slide, "check_decode", None)
+    if check is not None:  # no gigapixel decode of a slide without a pyramid level near target_mpp
+        check(level, (float(x0), float(y0), float(x0 + w_l * dx), float(y0 + h_l * dy)),
+              what=f"registration raster at {target_mpp:g} µm/px")
     rows_per_strip = max(f, (max_strip_px // max(w_l, 1)) // f * f)
     out = np.empty((h_l // f, w_l // f), dtype=np.float32)
     for r0 in range(0, h_l, rows_per_strip):

@@ -23,7 +23,9 @@ class StudySpec:
     name: str
     description: str
     cohort_kinds: tuple[str, ...]
-    #: ``check(cohort, workdir=..., config_file=...)``: raise InputError for anything wrong with the cohort
+    #: ``check(cohort, workdir=..., config_file=..., preflight=...)``: raise InputError for anything wrong with the
+    #: cohort; ``preflight=False`` (inside a cluster job, whose main process already checked) skips reading the
+    #: samples' input files
     check: Callable[..., None] = lambda cohort, **_: None
     #: settings schema (file name in workflow/schemas), None when the study has no settings file
     settings_schema: str | None = None

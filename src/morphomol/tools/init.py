@@ -135,6 +135,17 @@ def _is_geojson(p: Path) -> bool:
     return isinstance(doc, dict) and doc.get("type") in ("FeatureCollection", "Feature", "Polygon", "MultiPolygon")
 
 
+def compile_patient_regex(pattern: str | None) -> re.Pattern[str] | None:
+    """``--patient-regex`` compiled, or one InputError naming the flag."""
+    if not pattern:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise InputError(f"{pattern!r} is not a valid regular expression ({exc})", field="--patient-regex",
+                         expected="a Python regex whose first group is the patient id, e.g. 'P(\\d+)'") from None
+
+
 def _patient(texts: list[str], regex: re.Pattern[str] | None, table: dict[str, str], sample: str) -> str | None:
     if sample in table:
         return table[sample]
@@ -142,7 +153,9 @@ def _patient(texts: list[str], regex: re.Pattern[str] | None, table: dict[str, s
         for t in texts:
             m = regex.search(t)
             if m:
-                return _name(m.group(1) if m.groups() else m.group(0))
+                found = m.group(1) if m.groups() else m.group(0)
+                if found:  # an optional group that did not take part is no patient id
+                    return _name(found)
     return None
 
 
@@ -280,9 +293,10 @@ def init_cohort(root: str | Path, *, name: str, out_dir: str | Path = "config/co
                 overwrite: bool = False) -> dict[str, Any]:
     """Write the cohort YAML(s), sample sheet(s) and panel (module docstring); returns what was written."""
     root, out, base = Path(root), Path(out_dir), Path(relative_to)
-    if not NAME_RE.sub("", name) == name or not name:
-        raise InputError(f"cohort name {name!r}", field="name", expected="letters, digits, '_', '-', '.'")
-    regex = re.compile(patient_regex) if patient_regex else None
+    from morphomol.util.names import check_name
+
+    check_name(name, "--name")  # becomes out/NAME.yaml and out/NAME/: never '..', a hidden name or a path
+    regex = compile_patient_regex(patient_regex)
     table = _read_patients(Path(patients) if patients else None)
     xen, sr = find_inputs(root, max_depth)
     if not xen and not sr:

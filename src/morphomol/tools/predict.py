@@ -60,6 +60,28 @@ def _load_state(path: Path) -> dict[str, Any]:
     return load_file(str(path))
 
 
+def _setting_meta(run: Path) -> dict[str, Any]:
+    """The run's ``checkpoint.json``, checked to describe a trained model (the Min-MAE baseline writes
+    one without a model: it selects training tiles, there is no network to apply to new samples)."""
+    meta_path = run / "checkpoint.json"
+    if not meta_path.is_file():
+        raise InputError("no checkpoint metadata: the run has not finished, or the setting, fold or seed is wrong",
+                         file=meta_path, expected="checkpoint.json of a finished run of a trained setting")
+    meta = read_json(meta_path, "checkpoint metadata")
+    if not isinstance(meta, dict):
+        raise InputError("checkpoint metadata is not a JSON object", file=meta_path, expected="a JSON object")
+    if meta.get("kind") == "min_mae":
+        raise InputError(f"setting {meta.get('setting', run.parent.name)!r} is the Min-MAE baseline: it has no model to "
+                         "predict with (each target gene is copied from one core gene's log1p counts: 'source_gene' "
+                         "in this file)",
+                         file=meta_path, field="setting", expected="a trained regression setting (see Table A.1)")
+    missing = [k for k in ("setting", "setting_fields") if k not in meta]
+    if missing:
+        raise InputError(f"checkpoint metadata lacks {', '.join(missing)}: not the metadata of a trained model",
+                         file=meta_path, field=missing[0], expected="checkpoint.json written by a training run")
+    return meta
+
+
 def predict_fusion(run_dir: str | Path, samples: Sequence[NewSample], *, device: str = "cpu",
                    batch_size: int = 64) -> dict[str, pd.DataFrame]:
     """Long predictions (``tile_id, gene, y, y_hat``) of every unit of ``samples`` by one fusion run."""
@@ -76,7 +98,7 @@ def predict_fusion(run_dir: str | Path, samples: Sequence[NewSample], *, device:
     from morphomol.train.sources import WithFeatures
 
     run = Path(run_dir)
-    meta = read_json(run / "checkpoint.json", "checkpoint metadata")
+    meta = _setting_meta(run)
     setting = ModelSetting.from_dict(meta["setting"], meta["setting_fields"])
     if setting.kind != "regression":
         raise InputError(f"setting {setting.name} is a {setting.kind} setting: it predicts no expression",
@@ -162,7 +184,7 @@ def predict_spots(run_dir: str | Path, targets: str | Path, samples: Sequence[Ne
     from morphomol.studies.spots.targets import read_targets, transform_counts
 
     run = Path(run_dir)
-    meta = read_json(run / "checkpoint.json", "checkpoint metadata")
+    meta = _setting_meta(run)
     setting = SpotSetting.from_dict(meta["setting"], meta["setting_fields"])
     genes = list(meta["genes"])
     doc = read_targets(targets)

@@ -5,8 +5,10 @@
 3. ``FitState``       the loop's typed state (what ``resume.pt`` stores besides weights and RNG).
 4. ``fit``            AdamW with two lr groups (head / backbone; fused on CUDA), validation every
                       ``validate_every`` epochs, early stopping on the validation score, best weights
-                      kept; ``resume.pt`` every ``checkpoint_every`` epochs (written in the background)
-                      and on SIGTERM (-> exit 143).
+                      kept; without a validation partition (``validate=None``: a fold whose
+                      ``splits.validation`` policy is ``none``) ``training.epochs`` fixed epochs, no early
+                      stopping, the last weights kept (``FitResult.selection``); ``resume.pt`` every
+                      ``checkpoint_every`` epochs (written in the background) and on SIGTERM (-> exit 143).
 5. ``predict``        a whole source in its unshuffled order (results gathered on the device).
 
 Progress and history: the batches of an epoch go through :func:`morphomol.util.progress.progress` (a bar
@@ -125,6 +127,9 @@ class FitResult:
     tiles_per_second: float
     resumed: bool
     compile_seconds: float = 0.0
+    #: how the returned weights were chosen: ``best_val`` (lowest validation score, early stopping) or
+    #: ``last_epoch`` (no validation partition: fixed ``training.epochs``, no early stopping)
+    selection: str = "best_val"
 
 
 def global_batch_sizes(n: int, batch_size: int, drop_last: bool) -> list[int]:
@@ -159,7 +164,7 @@ def fit(
     work_dir: str | Path,
     *,
     loss_fn: LossFn,
-    validate: Callable[[torch.nn.Module], tuple[float, dict[str, float]]],
+    validate: Callable[[torch.nn.Module], tuple[float, dict[str, float]]] | None,
     fingerprint: dict[str, str],
     batch_size: int | None = None,
     drop_last: bool = False,
@@ -170,7 +175,9 @@ def fit(
     """Train ``model`` in place; on return it holds the best (lowest validation score) weights.
 
     ``model`` provides ``param_groups(lr_head, lr_backbone)``. ``validate(model) -> (score, extras)``:
-    lower score is better (validation MSE / InfoNCE). ``work_dir/resume.pt`` is written every
+    lower score is better (validation MSE / InfoNCE). ``validate=None`` (no validation partition): every one
+    of ``training.epochs`` epochs runs, no early stopping, the last weights are kept (``best_epoch`` = the last
+    epoch, ``best_val`` NaN, ``selection`` ``last_epoch``). ``work_dir/resume.pt`` is written every
     ``training.checkpoint_every`` epochs and on SIGTERM, and read on start when its fingerprint
     matches (see :mod:`.resume`). ``loss_reduction`` (data-parallel runs): ``mean`` — ``loss_fn``
     averages over its rows, each rank's loss is weighted by its share of the batch; ``global`` —
@@ -231,11 +238,15 @@ def fit(
     def stopping(requested: bool) -> bool:
         return ddp.any_flag(requested) if dist.active else requested
 
+    patience = training.patience if validate is not None else training.epochs + 1  # never stops early
+    if validate is None:
+        log.info("no validation partition: %d fixed epochs (training.epochs), no early stopping, last weights kept",
+                 training.epochs)
     first = True  # the first step of this process compiles (timed apart)
     # ---- the epochs
     try:
         with StopFlag() as stop:
-            while st.epoch < training.epochs and not st.stopped_early(training.patience):
+            while st.epoch < training.epochs and not st.stopped_early(patience):
                 raw.train()
                 t0 = time.perf_counter()
                 loss_acc = torch.zeros(2, device=device)  # (loss x tiles, tiles) summed on device: no sync per step
@@ -291,7 +302,11 @@ def fit(
                                        "tiles": st.epoch_tiles}
                 last = st.epoch + 1 == training.epochs
                 improved = False
-                if (st.epoch + 1) % max(1, training.validate_every) == 0 or last:
+                if validate is None:
+                    rec[val_name] = None
+                    val_txt = "(no validation)"
+                    st.best_epoch, st.best_val = st.epoch, math.nan
+                elif (st.epoch + 1) % max(1, training.validate_every) == 0 or last:
                     raw.eval()
                     val, extras = validate(eval_model)
                     improved = math.isfinite(val) and val < st.best_val
@@ -322,7 +337,7 @@ def fit(
                 st.epoch_untimed_tiles = 0
                 stop_now = stopping(stop.requested)
                 if dist.is_main and (stop_now or st.epoch % max(1, training.checkpoint_every) == 0
-                                     or st.epoch >= training.epochs or st.stopped_early(training.patience)):
+                                     or st.epoch >= training.epochs or st.stopped_early(patience)):
                     if stop_now:
                         writer.save_now(payload())
                     else:
@@ -335,21 +350,21 @@ def fit(
                     log.warning("signal %s: saved %s after epoch %d; exiting for a later resume", stop.signum,
                                 resume_path, st.epoch)
                     raise Preempted(resume_path)
-            if st.stopped_early(training.patience) and st.epoch < training.epochs:
+            if st.stopped_early(patience) and st.epoch < training.epochs:
                 log.info("early stopping after epoch %d (no improvement for %d epochs)", st.epoch, st.bad_epochs)
     finally:
         writer.close()
 
     if dist.is_main:
         write_history(work_dir, st.history, curve=True, best_epoch=st.best_epoch)
-    if best_state is not None:
+    if best_state is not None and validate is not None:
         raw.load_state_dict(best_state)
     if st.compile_seconds:
         log.info("compile: %.1f s (first step; excluded from tiles/s)", st.compile_seconds)
     return FitResult(best_epoch=st.best_epoch, best_val=st.best_val, epochs_run=len(st.history),
                      history=st.history, train_seconds=st.train_seconds,
                      tiles_per_second=st.tiles / max(st.train_seconds, 1e-9), resumed=resumed,
-                     compile_seconds=st.compile_seconds)
+                     compile_seconds=st.compile_seconds, selection="best_val" if validate is not None else "last_epoch")
 
 
 def _add_sums(st: FitState, acc: torch.Tensor, dist: ddp.Dist) -> None:

@@ -101,8 +101,10 @@ def load_resume(path: Path, fp: Mapping[str, str]) -> dict[str, Any] | None:
             path.replace(bad)
         except OSError:
             bad = path
-        log.warning("cannot read resume state %s (%s: %s); starting from scratch (file kept as %s)", path,
-                    type(exc).__name__, exc, bad.name)
+        from morphomol.util.torchload import load_failure_reason
+
+        log.warning("cannot read resume state %s (%s); starting from scratch (file kept as %s)", path,
+                    load_failure_reason(exc), bad.name)
         return None
     saved = ckpt.get("fingerprint")
     if not isinstance(saved, dict):

@@ -166,11 +166,29 @@ def load_adapter(model: Any, adapter_dir: str | Path) -> Any:
     if not (d / "adapter_config.json").is_file() or not (d / "adapter_model.safetensors").is_file():
         raise InputError("incomplete adapter directory", file=d, field="adapter",
                          expected="adapter_config.json + adapter_model.safetensors (written by cells_train)")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")  # see add_lora
-        m = PeftModel.from_pretrained(model, str(d), is_trainable=False)
+    check_safetensors(d / "adapter_model.safetensors", field="adapter_model.safetensors",
+                      expected="the complete adapter written by cells_train (copy it again)")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")  # see add_lora
+            m = PeftModel.from_pretrained(model, str(d), is_trainable=False)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:  # another base model, a damaged adapter_config
+        raise InputError(f"cannot load the adapter onto the base model ({type(exc).__name__}: {exc})", file=d,
+                         field="adapter", expected="an adapter trained by cells_train on this base model") from None
     m.eval()
     return m
+
+
+def check_safetensors(path: str | Path, *, field: str, expected: str) -> None:
+    """InputError unless ``path`` is a whole safetensors file (its header read and its byte ranges checked
+    against the file's size: a truncated or partly copied file is named, not a SafetensorError)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            fh.keys()
+    except Exception as exc:  # SafetensorError (a Rust exception type) or OSError
+        raise InputError(f"not a complete safetensors file ({exc})", file=path, field=field, expected=expected) from None
 
 
 def trainable_state(model: Any) -> dict[str, torch.Tensor]:

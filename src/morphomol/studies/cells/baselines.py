@@ -1,27 +1,33 @@
 """Baselines on the same folds and the same evaluated cells as the LLM (torch-free).
 
-Gene -> cell type, fitted on the fold's fit cells, on the log-normalised HVG matrix the cell sentences
-come from (:mod:`.sentences`), kept sparse (CSR) end to end:
+Gene -> cell type, fitted on the fold's fit cells (the cells the LLM trains on: the validation donors only
+give the LLM its validation loss), on the log-normalised HVG matrix the cell sentences come from
+(:mod:`.sentences`), kept sparse (CSR) end to end. Hyper-parameters are chosen per fold by an inner CV
+grouped by donor over the fit donors only (``GroupKFold``, ``baselines.inner_folds`` splits, at most one per
+fit donor; accuracy on the held-out donors): logistic regression's ``C`` (``lr_c_grid``) and scaling
+(standardised or not, ``lr_standardise``), kNN's ``k`` (``knn_k_grid``, on the kNN reference). With fewer
+than two fit donors no inner CV is possible: the stated defaults (``lr_c``, standardised, ``knn_k``) are
+used. The values chosen and the inner-CV accuracies are in metrics.json (``hyperparameters``) and the ladder:
 
 * ``majority``: the most frequent fit label;
-* ``logreg``: multinomial logistic regression (L2, ``C``) on standardised HVG log1p, fitted on every fit
-  cell; the standardisation is applied inside the objective (:mod:`.logreg`), so the CSR matrix is never
-  centred (densified) and the problem and optimiser are scikit-learn's ``StandardScaler`` +
-  ``LogisticRegression`` ones;
+* ``logreg``: multinomial logistic regression (L2, ``C``) on HVG log1p (standardised or not), fitted on
+  every fit cell; the standardisation is applied inside the objective (:mod:`.logreg`), so the CSR matrix is
+  never centred (densified) and the problem and optimiser are scikit-learn's ``StandardScaler`` +
+  ``LogisticRegression`` ones; the inner CV runs on the kNN reference (at most ``max_reference`` fit cells);
 * ``knn``: k-nearest neighbours (cosine) on the first ``knn_pcs`` principal components, with a bounded
   reference: at most ``baselines.max_reference`` fit cells (a seeded subsample; all of them when the fold
   has fewer, i.e. the whole fit set as before), whose PCA it is; queries are answered in blocks, so time is
   linear in the evaluated cells and memory independent of the cohort;
-* ``logreg_shuffled``: the same logistic regression fitted on permuted fit labels (null control: what
-  "learning" from these features scores by chance).
+* ``logreg_shuffled``: the same logistic regression (the chosen ``C`` and scaling) fitted on permuted fit
+  labels (null control: what "learning" from these features scores by chance).
 
 With H&E patches (the modality matrix): ``logreg_image`` (16 x 16 RGB thumbnail of the patch, standardised)
 and ``logreg_both`` (HVG log1p and thumbnail features side by side, sparse, standardised likewise), fitted
-on at most ``max_reference`` fit cells with a patch (seeded subsample). The sizes used are in metrics.json
+on at most ``max_reference`` fit cells with a patch (seeded subsample), with the default ``lr_c``. The sizes used are in metrics.json
 (``knn_reference``, ``image_reference``).
 
 Memory: the fit cells' sparse HVG matrix (float64 values of the float32-rounded log1p, int32 columns) plus a
-bounded reference; the unit tables are read in row blocks (:func:`~.sentences.iter_hvg_rows`) and image
+bounded reference (and the inner CV's copies of its rows); the unit tables are read in row blocks (:func:`~.sentences.iter_hvg_rows`) and image
 stores chunk by chunk, twice (fitting, then predicting the evaluated cells block by block).
 """
 
@@ -157,18 +163,108 @@ def _lr_dense(cfg: CellsBaselinesConfig, seed: int) -> Any:
     return make_pipeline(StandardScaler(), _lr(cfg, seed))
 
 
-def _lr_sparse(cfg: CellsBaselinesConfig) -> StandardisedLogisticRegression:
-    return StandardisedLogisticRegression(C=cfg.lr_c, max_iter=cfg.lr_max_iter)
+def _lr_sparse(cfg: CellsBaselinesConfig, C: float | None = None, standardise: bool = True
+               ) -> StandardisedLogisticRegression:
+    return StandardisedLogisticRegression(C=cfg.lr_c if C is None else C, max_iter=cfg.lr_max_iter,
+                                          standardise=standardise)
 
 
-def _knn(cfg: CellsBaselinesConfig, n_ref: int, n_feat: int) -> Any:
+def _pca(cfg: CellsBaselinesConfig, n_ref: int, n_feat: int) -> Any:
     from sklearn.decomposition import PCA
+
+    return PCA(n_components=max(1, min(cfg.knn_pcs, n_ref - 1, n_feat)), random_state=0)
+
+
+def _knn(cfg: CellsBaselinesConfig, n_ref: int, n_feat: int, k: int | None = None) -> Any:
     from sklearn.neighbors import KNeighborsClassifier
     from sklearn.pipeline import make_pipeline
 
-    pcs = max(1, min(cfg.knn_pcs, n_ref - 1, n_feat))
-    return make_pipeline(PCA(n_components=pcs, random_state=0),
-                         KNeighborsClassifier(n_neighbors=min(cfg.knn_k, n_ref), metric="cosine"))
+    return make_pipeline(_pca(cfg, n_ref, n_feat),
+                         KNeighborsClassifier(n_neighbors=min(cfg.knn_k if k is None else k, n_ref), metric="cosine"))
+
+
+# ------------------------------------------------------------------------------ inner CV (fit donors only)
+def inner_splits(donors: np.ndarray, n_splits: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Donor-grouped (train, held-out) row splits over ``donors`` (the fit donors of one outer fold):
+    ``GroupKFold`` with ``min(n_splits, donors)`` splits; empty with fewer than two donors."""
+    from sklearn.model_selection import GroupKFold
+
+    n_donors = len(set(donors.tolist()))
+    if n_donors < 2:
+        return []
+    gkf = GroupKFold(n_splits=min(int(n_splits), n_donors))
+    return [(tr, te) for tr, te in gkf.split(np.zeros(len(donors)), groups=donors)]
+
+
+def _votes(codes: np.ndarray, ks: Sequence[int], n_classes: int) -> dict[int, np.ndarray]:
+    """Majority class code among the first k neighbours (rows sorted by distance), for every k; ties go to
+    the smallest code (scikit-learn's uniform-weight vote)."""
+    out = {}
+    counts = np.zeros((codes.shape[0], n_classes), np.int32)
+    rows = np.arange(codes.shape[0])
+    done = 0
+    for k in sorted(ks):
+        for j in range(done, k):
+            np.add.at(counts, (rows, codes[:, j]), 1)
+        done = k
+        out[k] = np.argmax(counts, axis=1)
+    return out
+
+
+def select_hyperparameters(X: sp.csr_matrix, y: np.ndarray, donors: np.ndarray, cfg: CellsBaselinesConfig
+                           ) -> dict[str, Any]:
+    """Logistic regression's C and scaling and kNN's k for one outer fold, by inner donor-grouped CV on
+    ``X`` / ``y`` (cells of the fit donors only; the kNN reference). Returns the chosen values, the mean
+    held-out accuracy of every candidate, and how they were chosen."""
+    from sklearn.neighbors import NearestNeighbors
+
+    splits = inner_splits(np.asarray(donors, dtype=object), cfg.inner_folds)
+    splits = [(tr, te) for tr, te in splits if len(set(y[tr].tolist())) >= 2 and len(te)]
+    default = {"logreg": {"C": float(cfg.lr_c), "standardise": True}, "knn": {"k": int(cfg.knn_k)}}
+    n_donors = len(set(np.asarray(donors, dtype=object).tolist()))
+    if not splits:
+        why = (f"{n_donors} fit donor(s): no inner CV, defaults" if n_donors < 2
+               else f"no inner split with two cell types among {n_donors} fit donors: defaults")
+        return {**default, "selection": why, "inner_splits": 0, "fit_donors": n_donors, "scores": {}}
+    lr_scores: dict[tuple[float, bool], list[float]] = {}
+    knn_scores: dict[int, list[float]] = {}
+    classes, yc = np.unique(y, return_inverse=True)
+    for tr, te in splits:
+        Xtr, Xte = X[tr], X[te]
+        for std in cfg.lr_standardise:
+            for C in cfg.lr_c_grid:
+                m = _lr_sparse(cfg, float(C), bool(std)).fit(Xtr, y[tr])
+                lr_scores.setdefault((float(C), bool(std)), []).append(float((m.predict(Xte) == y[te]).mean()))
+        ks = sorted({min(int(k), len(tr)) for k in cfg.knn_k_grid})
+        D = Xtr.toarray().astype(np.float32)
+        pca = _pca(cfg, len(tr), X.shape[1]).fit(D)
+        nn = NearestNeighbors(n_neighbors=max(ks), metric="cosine").fit(pca.transform(D))
+        del D
+        hits = {k: 0 for k in ks}
+        for i in range(0, len(te), QUERY_BLOCK):
+            q = te[i:i + QUERY_BLOCK]
+            idx = nn.kneighbors(pca.transform(X[q].toarray().astype(np.float32)), return_distance=False)
+            for k, pred in _votes(yc[tr][idx], ks, len(classes)).items():
+                hits[k] += int((pred == yc[q]).sum())
+        for k0 in cfg.knn_k_grid:
+            k = min(int(k0), len(tr))
+            knn_scores.setdefault(int(k0), []).append(hits[k] / len(te))
+    lr_mean = {key: float(np.mean(v)) for key, v in lr_scores.items()}
+    knn_mean = {k: float(np.mean(v)) for k, v in knn_scores.items()}
+    C, std = max(lr_mean, key=lambda key: (lr_mean[key], -abs(np.log(key[0] / cfg.lr_c)), key[1]))
+    k = max(knn_mean, key=lambda k: (knn_mean[k], -abs(k - cfg.knn_k)))
+    return {"logreg": {"C": C, "standardise": std}, "knn": {"k": int(k)},
+            "selection": f"inner {len(splits)}-fold donor-grouped CV over {n_donors} fit donors, on accuracy",
+            "inner_splits": len(splits), "fit_donors": n_donors,
+            "scores": {"logreg": [{"C": c, "standardise": s_, "accuracy": a} for (c, s_), a in lr_mean.items()],
+                       "knn": [{"k": kk, "accuracy": a} for kk, a in knn_mean.items()]}}
+
+
+def describe_choice(hp: Mapping[str, Any]) -> str:
+    """``C = 1, standardised; k = 15`` (the words of the ladder's notes)."""
+    lr, knn = hp["logreg"], hp["knn"]
+    return (f"logistic regression C = {lr['C']:g}, {'standardised' if lr['standardise'] else 'not standardised'}; "
+            f"kNN k = {knn['k']}")
 
 
 def _predict_dense(model: Any, X: sp.csr_matrix) -> np.ndarray:
@@ -195,7 +291,12 @@ def run_baselines(*, fold_table: str | Path, fold_meta: str | Path, units: Mappi
     # fitting: the fit cells' sparse HVG matrix; bounded references for kNN and the image models
     X_fit = _gather(rows, fit_pos, hvg, values)
     ref = _subsample(np.arange(len(fit_pos)), int(cfg.max_reference), seed, 23)
-    knn = _knn(cfg, len(ref), X_fit.shape[1]).fit(X_fit[ref].toarray().astype(np.float32), y_fit[ref])
+    donors_fit = table["patient_id"].astype(str).to_numpy(object)[fit_pos]
+    X_ref = X_fit if len(ref) == len(fit_pos) else X_fit[ref]  # no copy when the reference is every fit cell
+    hp = select_hyperparameters(X_ref, y_fit[ref], donors_fit[ref], cfg)
+    del X_ref
+    log.info("fold %s: %s (%s)", meta["fold"], describe_choice(hp), hp["selection"])
+    knn = _knn(cfg, len(ref), X_fit.shape[1], hp["knn"]["k"]).fit(X_fit[ref].toarray().astype(np.float32), y_fit[ref])
     img_models: dict[str, Any] = {}
     img_fit = np.flatnonzero(fit & has_img)
     n_img_ref = 0
@@ -208,8 +309,8 @@ def run_baselines(*, fold_table: str | Path, fold_meta: str | Path, units: Mappi
         img_models["logreg_both"] = _lr_sparse(cfg).fit(sp.hstack([X_fit[fit_row], sp.csr_matrix(T)], format="csr"),
                                                         y[sel])
         del T
-    logreg = _lr_sparse(cfg).fit(X_fit, y_fit)
-    shuffled = _lr_sparse(cfg).fit(X_fit, rng.permutation(y_fit))
+    logreg = _lr_sparse(cfg, hp["logreg"]["C"], hp["logreg"]["standardise"]).fit(X_fit, y_fit)
+    shuffled = _lr_sparse(cfg, hp["logreg"]["C"], hp["logreg"]["standardise"]).fit(X_fit, rng.permutation(y_fit))
     del X_fit
 
     # predicting: the evaluated cells, block by block
@@ -255,7 +356,7 @@ def run_baselines(*, fold_table: str | Path, fold_meta: str | Path, units: Mappi
         preds.to_parquet(tmp, index=False)
     metrics = {"model": "baselines", "fold": meta["fold"], "results": results, "hvg": len(hvg),
                "majority": majority, "n_fit": int(fit.sum()), "knn_reference": len(ref),
-               "image_reference": int(n_img_ref), "max_reference": int(cfg.max_reference)}
+               "image_reference": int(n_img_ref), "max_reference": int(cfg.max_reference), "hyperparameters": hp}
     write_json(out_metrics, metrics)
     log.info("fold %s: kNN reference %d of %d fit cells, image models on %d cells (max_reference %d)", meta["fold"],
              len(ref), len(fit_pos), n_img_ref, cfg.max_reference)

@@ -92,11 +92,18 @@ class CellsEvalConfig:
 
 @dataclass(frozen=True)
 class CellsBaselinesConfig:
+    """Baselines; hyper-parameters chosen per fold by inner donor-grouped CV over the grids, the single
+    values (``knn_k``, ``lr_c``, standardised) when a fold has fewer than two fit donors."""
+
     knn_k: int = 15
     knn_pcs: int = 50
     lr_c: float = 1.0
     lr_max_iter: int = 2000
     max_reference: int = 50000
+    knn_k_grid: tuple[int, ...] = (5, 15, 30)
+    lr_c_grid: tuple[float, ...] = (0.1, 1.0, 10.0)
+    lr_standardise: tuple[bool, ...] = (True, False)
+    inner_folds: int = 3
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,11 @@ import torch
 from morphomol.errors import InputError
 from morphomol.studies.cells.base_model import Chat
 from morphomol.studies.cells.config import IMAGE_TASKS
-from morphomol.studies.cells.prompts import Template, available_tasks, render, task_weights
+from morphomol.studies.cells.prompts import Template, available_tasks, enabled_tasks, render, task_weights
+from morphomol.util.logs import get_logger
 
 IGNORE = -100
+log = get_logger("cells.examples")
 
 
 @dataclass
@@ -123,7 +125,12 @@ class TaskSampler:
         self.schedule, self.n_templates, self.seed, self.steps = schedule, dict(n_templates), int(seed), int(steps)
         self.tasks = available_tasks(schedule, len(self.image_rows) > 0)
         if not self.tasks:
-            raise InputError("no task can be trained on this fold", field="cells.tasks")
+            raise InputError("no task can be trained on this fold", field="cells.tasks",
+                             expected="a task without images (gene_to_type, type_to_genes) when no cell has an H&E patch")
+        dropped = [t for t in enabled_tasks(schedule) if t not in self.tasks]
+        if dropped:
+            log.info("image task(s) %s left out of the task schedule: no fit cell of this fold has an H&E patch "
+                     "(training on %s)", dropped, self.tasks)
 
     def weights(self, step: int) -> dict[str, float]:
         return task_weights(self.schedule, step / max(self.steps - 1, 1), self.tasks)

@@ -2,14 +2,18 @@
 
 Outer folds: ``StratifiedGroupKFold`` over donors (each cell's ``patient_id`` in the unit tables, which is
 the per-cell donor when ``cells.donor_key`` is set), stratified by label x has-image so that every fold
-tests each type and, where possible, cells with an H&E patch. Validation: ``splits.val_fraction`` of the
-fold's training donors (at least one, leaving one for fitting), chosen with ``(seed, fold)``. Asserted in
-code on every fold: no donor in two partitions, every partition non-empty, every donor (so every cell)
-``test`` in exactly one fold; at least two cell types among the fit cells (else an InputError).
+tests each type and, where possible, cells with an H&E patch; ``n_donors >= n_folds`` (5 donors allow 5
+folds: test 1, validation 1, fit 3). Validation: the shared policy of :mod:`morphomol.splits` (one rule for
+every study) over donors — ``splits.val_fraction`` of the fold's training donors when it has >= 2, else of its
+(donor, sample) groups, else none (the trainer runs its fixed steps either way; validation losses are only
+logged) — chosen with ``(seed, fold)``. Asserted in code on every fold: test donors never trained on, what the
+fold's policy promises, fit / test non-empty, every donor (so every cell) ``test`` in exactly one fold; at
+least two cell types among the fit cells (else an InputError).
 
 The assignment is a donor-level computation, done once per cohort (rule ``cells_split``,
 :func:`write_folds`): it reads only the obs columns ``patient_id, label, has_image`` of every unit table and
-writes ``folds/folds.parquet`` (``fold, patient_id, partition, n_cells``: folds x donors rows). Each fold job
+writes ``folds/folds.parquet`` (``fold, patient_id, sample_id, partition, n_cells, validation``: folds x
+(donor, sample) rows). Each fold job
 (rule ``cells_fold``, :func:`write_fold`) then streams the unit tables in row blocks: the fit cells' per-gene
 sums for the HVGs (:func:`~.sentences.select_hvg_blocks`), then every cell's sentence, written block by
 block; its memory is one block plus O(genes), whatever the cohort's size.
@@ -50,59 +54,98 @@ ROW_GROUP = 4096
 
 
 # ------------------------------------------------------------------------------ checks
-def check_donor_fold(f: pd.DataFrame) -> None:
-    """AssertionError unless donors are disjoint across partitions and no partition is empty."""
-    n = f.groupby("patient_id")["partition"].nunique()
-    if (n > 1).any():
-        raise AssertionError(f"donor {n.index[n > 1][0]} appears in two partitions")
-    for p in PARTITIONS:
-        if not (f["partition"] == p).any():
-            raise AssertionError(f"partition {p} is empty")
+SEP = "\x1f"  # joins donor and sample into the key of a (donor, sample) group
+
+
+def group_keys(donors: Any, samples: Any) -> np.ndarray:
+    """The shared policy's "sample" of the cells study: a (donor, sample) group — a pooled sample holds
+    several donors, and a donor's cells may come from several samples."""
+    return (pd.Series(donors, dtype=object).astype(str) + SEP
+            + pd.Series(samples, dtype=object).astype(str)).to_numpy(object)
+
+
+def check_donor_fold(f: pd.DataFrame, validation: str | None = None) -> None:
+    """AssertionError unless the fold keeps what its validation policy promises (:func:`morphomol.splits.check_fold`
+    over (donor, sample) groups): test donors never trained on, fit / test non-empty; ``patient``: donors
+    disjoint across fit / val; ``sample``: (donor, sample) groups disjoint; ``none``: val empty. ``f``: rows of
+    cells or of (donor[, sample]) groups; the policy from ``validation``, its ``validation`` column, or inferred."""
+    from morphomol.splits import check_fold
+
+    g = pd.DataFrame({"sample_id": group_keys(f["patient_id"], f["sample_id"]) if "sample_id" in f.columns
+                      else f["patient_id"].astype(str).to_numpy(object),
+                      "patient_id": f["patient_id"].astype(str).to_numpy(object),
+                      "partition": f["partition"].astype(str).to_numpy(object)})
+    if "validation" in f.columns:
+        g["validation"] = f["validation"].astype(str).to_numpy(object)
+    if "fold" in f.columns:
+        g["fold"] = f["fold"].to_numpy()
+    g.attrs.update(f.attrs)
+    check_fold(g, validation)
 
 
 def check_donor_folds(folds: pd.DataFrame) -> None:
-    """AssertionError unless every fold lists the same donors once each, each fold is donor-disjoint with no
-    empty partition, and every donor is test in exactly one fold."""
+    """AssertionError unless every fold lists the same (donor, sample) groups once each, each fold keeps its
+    policy's promises, and every donor is test in exactly one fold."""
     per_fold = {k: g for k, g in folds.groupby("fold", sort=True)}
-    donors = sorted(per_fold[min(per_fold)]["patient_id"])
+    keys = (lambda g: sorted(group_keys(g["patient_id"], g["sample_id"]))) if "sample_id" in folds.columns \
+        else (lambda g: sorted(g["patient_id"]))
+    first = keys(per_fold[min(per_fold)])
     for k, g in per_fold.items():
-        if sorted(g["patient_id"]) != donors or g["patient_id"].duplicated().any():
+        got = keys(g)
+        if got != first or len(set(got)) != len(got):
             raise AssertionError(f"fold {k} lists other donors than fold {min(per_fold)}")
         check_donor_fold(g)
-    n_test = folds[folds["partition"] == "test"].groupby("patient_id").size().reindex(donors, fill_value=0)
-    if not (n_test == 1).all():
-        bad = n_test[n_test != 1]
+    donors = sorted(set(folds["patient_id"]))
+    t = folds[folds["partition"] == "test"].groupby("patient_id")["fold"].nunique().reindex(donors, fill_value=0)
+    if not (t == 1).all():
+        bad = t[t != 1]
         raise AssertionError(f"donor {bad.index[0]} is test in {int(bad.iloc[0])} folds")
 
 
 # ------------------------------------------------------------------------------ the assignment (donor level)
-def donor_folds(donors: np.ndarray, strata: np.ndarray, n_folds: int, val_fraction: float, seed: int) -> pd.DataFrame:
-    """``fold, patient_id, partition, n_cells`` of every fold, from each cell's donor and stratum (label x
-    has-image): StratifiedGroupKFold over donors, then the validation donors of each fold (asserted)."""
+def donor_folds(donors: np.ndarray, strata: np.ndarray, n_folds: int, val_fraction: float, seed: int,
+                validation: str = "auto", *, samples: np.ndarray | None = None,
+                cohort: str | None = None) -> pd.DataFrame:
+    """``fold, patient_id, sample_id, partition, n_cells, validation`` of every fold (one row per (donor, sample)
+    group), from each cell's donor, sample and stratum (label x has-image): StratifiedGroupKFold over donors
+    (n_donors >= n_folds: 5 donors allow 5 folds), then each fold's validation by the shared policy
+    (:func:`morphomol.splits.plan_folds`: donors, else (donor, sample) groups, else none), asserted."""
     import warnings
 
     from sklearn.model_selection import StratifiedGroupKFold
 
-    donors = np.asarray(donors, dtype=object)
-    uniq, inv, n_cells = np.unique(donors, return_inverse=True, return_counts=True)
-    if len(uniq) < n_folds + 1:
-        raise InputError(f"{len(uniq)} donor(s) cannot make {n_folds} donor-grouped folds with a validation donor",
-                         field="splits.n_folds", expected=f"at most {len(uniq) - 1} folds (or more donors)")
+    from morphomol.splits import folds_needed, group_kfold, log_plan, plan_folds, validation_partition
+
+    donors = np.asarray(donors, dtype=object).astype(str)
+    samples = donors if samples is None else np.asarray(samples, dtype=object).astype(str)
+    uniq, inv = np.unique(donors, return_inverse=True)
+    folds_needed(len(uniq), int(n_folds), cohort=cohort, unit="donor")
+    keys = group_keys(donors, samples)
+    gk, ginv, g_cells = np.unique(keys, return_inverse=True, return_counts=True)
+    g_donor = np.asarray([k.split(SEP, 1)[0] for k in gk], dtype=object)
+    g_sample = np.asarray([k.split(SEP, 1)[1] for k in gk], dtype=object)
     test_fold = np.full(len(uniq), -1, np.int64)
     skf = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=int(seed))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # classes with fewer members than folds
         for k, (_, te) in enumerate(skf.split(np.zeros(len(donors)), np.asarray(strata, dtype=object), groups=donors)):
             test_fold[np.unique(inv[te])] = k
+    if len(set(test_fold.tolist())) < n_folds:  # a fold without a test donor: unit-weighted assignment instead
+        counts = np.bincount(inv, minlength=len(uniq))
+        fk = group_kfold(uniq.tolist(), counts.tolist(), int(n_folds))
+        test_fold = np.asarray([fk[d] for d in uniq], np.int64)
+    table = pd.DataFrame({"sample_id": gk, "patient_id": g_donor, "n_units": g_cells})
+    plans = plan_folds(table, int(n_folds), validation, test_fold=dict(zip(uniq, test_fold.tolist(), strict=True)),
+                       cohort=cohort, unit="donor")
+    patient_of = dict(zip(gk, g_donor, strict=True))
     rows = []
-    for k in range(n_folds):
-        is_test = test_fold == k
-        train_donors = sorted(uniq[~is_test].tolist())
-        rng = np.random.default_rng([int(seed), k])
-        n_val = min(max(int(round(val_fraction * len(train_donors))), 1), len(train_donors) - 1)
-        val = set(rng.permutation(np.asarray(train_donors, dtype=object))[:n_val].tolist())
-        part = np.where(is_test, "test", np.where(np.isin(uniq, list(val)), "val", "fit"))
-        rows.append(pd.DataFrame({"fold": k, "patient_id": uniq.astype(str), "partition": part, "n_cells": n_cells}))
+    for plan in plans:
+        log_plan(plan, validation, unit="donor")
+        part_of = validation_partition(plan, patient_of, val_fraction, seed)
+        rows.append(pd.DataFrame({"fold": plan.fold, "patient_id": g_donor.astype(str),
+                                  "sample_id": g_sample.astype(str),
+                                  "partition": [part_of[k] for k in gk], "n_cells": g_cells,
+                                  "validation": plan.validation}))
     out = pd.concat(rows, ignore_index=True)
     out["n_cells"] = out["n_cells"].astype(np.int64)
     check_donor_folds(out)
@@ -117,35 +160,43 @@ def _strata(labels: np.ndarray, has_image: np.ndarray) -> np.ndarray:
     return names[combo]
 
 
-def make_folds(cells: pd.DataFrame, n_folds: int, val_fraction: float, seed: int) -> list[pd.DataFrame]:
+def make_folds(cells: pd.DataFrame, n_folds: int, val_fraction: float, seed: int,
+               validation: str = "auto") -> list[pd.DataFrame]:
     """Per-cell fold tables (``tile_id, sample_id, patient_id, index, label, has_image, partition``) of the
     donor-level assignment (:func:`donor_folds`); assertions run on every fold."""
     donors = cells["patient_id"].astype(str).to_numpy(object)
+    samples = cells["sample_id"].astype(str).to_numpy(object)
     folds = donor_folds(donors, _strata(cells["label"].to_numpy(object), cells["has_image"].to_numpy(bool)),
-                        n_folds, val_fraction, seed)
+                        n_folds, val_fraction, seed, validation, samples=samples)
+    keys = group_keys(donors, samples)
     out = []
     for k in range(n_folds):
-        part = folds[folds["fold"] == k].set_index("patient_id")["partition"]
+        a = folds[folds["fold"] == k]
+        part = pd.Series(a["partition"].to_numpy(), index=group_keys(a["patient_id"], a["sample_id"]))
         f = cells[["tile_id", "sample_id", "patient_id", "index", "label", "has_image"]].copy()
-        f["partition"] = part.reindex(donors).to_numpy()
+        f["partition"] = part.reindex(keys).to_numpy()
+        f.attrs["validation"] = str(a["validation"].iloc[0])
         check_donor_fold(f)
         out.append(f)
     return out
 
 
-def write_folds(*, units: Sequence[str | Path], out: str | Path, splits: SplitsConfig, seed: int) -> pd.DataFrame:
+def write_folds(*, units: Sequence[str | Path], out: str | Path, splits: SplitsConfig, seed: int,
+                cohort: str | None = None) -> pd.DataFrame:
     """Rule entry (``cells_split``): every fold's donor partitions into ``out`` (``folds/folds.parquet``).
-    Reads only the obs columns ``patient_id, label, has_image`` of each unit table."""
+    Reads only the obs columns ``sample_id, patient_id, label, has_image`` of each unit table."""
     from morphomol.studies.cells.matrix import UnitRows
 
-    donors, strata = [], []
+    donors, samples, strata = [], [], []
     for path in units:
         with UnitRows(path) as u:
-            o = u.obs(["patient_id", "label", "has_image"])
+            o = u.obs(["sample_id", "patient_id", "label", "has_image"])
         donors.append(o["patient_id"].astype(str).to_numpy(object))
+        samples.append(o["sample_id"].astype(str).to_numpy(object))
         strata.append(_strata(o["label"].to_numpy(object), o["has_image"].to_numpy(bool)))
     d = np.concatenate(donors) if donors else np.zeros(0, object)
-    folds = donor_folds(d, np.concatenate(strata) if strata else d, splits.n_folds, splits.val_fraction, seed)
+    folds = donor_folds(d, np.concatenate(strata) if strata else d, splits.n_folds, splits.val_fraction, seed,
+                        splits.validation, samples=np.concatenate(samples) if samples else d, cohort=cohort)
     with atomic_path(out) as tmp:
         folds.to_parquet(tmp, index=False)
     for k, g in folds.groupby("fold"):
@@ -167,7 +218,21 @@ def read_donor_folds(path: str | Path) -> pd.DataFrame:
     if bad:
         raise InputError(f"unknown partition(s) {bad}", file=p, field="partition", expected="fit | val | test")
     df["patient_id"] = df["patient_id"].astype(str)
+    if "sample_id" in df.columns:
+        df["sample_id"] = df["sample_id"].astype(str)
+    if "validation" not in df.columns:  # written before the policy was recorded (donor rows, donor validation)
+        from morphomol.splits import infer_validation
+
+        pol = {int(k): infer_validation(g.assign(sample_id=g["patient_id"])) for k, g in df.groupby("fold")}
+        df["validation"] = df["fold"].map(pol).astype(str)
     return df
+
+
+def fold_partitions(a: pd.DataFrame) -> tuple[dict[str, str], bool]:
+    """(group key -> partition, keyed by (donor, sample)) of one fold's rows of ``folds/folds.parquet``."""
+    by_sample = "sample_id" in a.columns
+    keys = group_keys(a["patient_id"], a["sample_id"]) if by_sample else a["patient_id"].astype(str).to_numpy(object)
+    return dict(zip(keys, a["partition"].astype(str), strict=True)), by_sample
 
 
 # ------------------------------------------------------------------------------ one fold's table
@@ -196,7 +261,12 @@ def write_fold(*, units: Sequence[str | Path], folds: str | Path, fold: int, out
                          field="splits.n_folds")
     fold = int(fold)
     a = assignment[assignment["fold"] == fold]
-    part_of = dict(zip(a["patient_id"], a["partition"], strict=True))
+    part_of, by_sample = fold_partitions(a)
+    policy = str(a["validation"].iloc[0])
+
+    def key_of(o: pd.DataFrame) -> pd.Series:
+        pid = o["patient_id"].astype(str)
+        return pd.Series(group_keys(pid, o["sample_id"]), index=o.index) if by_sample else pid
 
     # pass 0: obs only (donors -> partitions, labels, counts), genes, value kinds
     samples, gene_lists, distinct, kinds, fit_rows = [], [], [], set(), []
@@ -214,11 +284,13 @@ def write_fold(*, units: Sequence[str | Path], folds: str | Path, fold: int, out
             kinds.add(u.values())
             o = u.obs(["sample_id", "patient_id", "label", "has_image"])
         pid = o["patient_id"].astype(str)
-        unknown = sorted(set(pid) - set(part_of))
+        key = key_of(o)
+        unknown = sorted(set(key) - set(part_of))
         if unknown:
-            raise InputError(f"donor(s) {unknown[:5]} are not in the fold assignment", file=folds, field="patient_id",
+            raise InputError(f"donor(s) {[u.replace(SEP, ' in sample ') for u in unknown[:5]]} are not in the fold "
+                             "assignment", file=folds, field="patient_id",
                              expected=f"the donors of every unit table (rerun cells_split; {path} changed?)")
-        part = pid.map(part_of).to_numpy(object)
+        part = key.map(part_of).to_numpy(object)
         lab = o["label"].astype(str).to_numpy(object)
         img = o["has_image"].to_numpy(bool)
         samples += [s for s in dict.fromkeys(o["sample_id"].astype(str)) if s not in samples]
@@ -234,9 +306,9 @@ def write_fold(*, units: Sequence[str | Path], folds: str | Path, fold: int, out
         raise InputError(f"unit tables mix value kinds {sorted(kinds)}", field="cells.values",
                          expected="counts in every sample, or normalised values in every sample")
     values = kinds.pop()
-    for p in PARTITIONS:
+    for p in ("fit", "test") + (("val",) if policy != "none" else ()):
         if counts[p] == 0:
-            raise AssertionError(f"partition {p} is empty")
+            raise AssertionError(f"fold {fold}: partition {p} is empty (validation {policy})")
     fit_labels_l = sorted(fit_labels)
     if len(fit_labels_l) < 2:
         raise InputError(f"fold {fold}: {len(fit_labels_l)} cell type(s) among the training cells ({fit_labels_l})",
@@ -279,7 +351,7 @@ def write_fold(*, units: Sequence[str | Path], folds: str | Path, fold: int, out
                                       "index": pa.array(o["index"].to_numpy(np.int64), pa.int64()),
                                       "label": pa.array(o["label"].astype(str).to_numpy(object), pa.string()),
                                       "has_image": pa.array(o["has_image"].to_numpy(bool), pa.bool_()),
-                                      "partition": pa.array(pid.map(part_of).to_numpy(object), pa.string()),
+                                      "partition": pa.array(key_of(o).map(part_of).to_numpy(object), pa.string()),
                                       "sentence": sent,
                                       "n_sentence_genes": pa.array(ng, pa.int32())})
                         if writer is None:
@@ -292,7 +364,8 @@ def write_fold(*, units: Sequence[str | Path], folds: str | Path, fold: int, out
                 writer.close()
     if n_empty:
         log.warning("fold %d: %d cell(s) express none of the HVGs (empty sentence)", fold, n_empty)
-    meta = {"fold": fold, "values": values, "hvg": hvg, "n_genes": int(cfg.n_genes), "labels": sorted(labels),
+    meta = {"fold": fold, "validation": policy,
+            "values": values, "hvg": hvg, "n_genes": int(cfg.n_genes), "labels": sorted(labels),
             "fit_labels": fit_labels_l, "unseen_labels": unseen, "counts": counts,
             "donors": {p: sorted(donors[p]) for p in PARTITIONS}, "with_image": with_image, "samples": samples}
     write_json(out_meta, meta)
@@ -322,8 +395,14 @@ def read_fold(table: str | Path, meta: str | Path, *, columns: Sequence[str] | N
     bad = sorted(set(f["partition"].astype(str)) - set(PARTITIONS))
     if bad:
         raise InputError(f"unknown partition(s) {bad}", file=table, field="partition", expected="fit | val | test")
+    m = read_json(meta, "cells fold metadata")
+    policy = m.get("validation") if isinstance(m, dict) else None
+    if policy is not None:
+        f.attrs["validation"] = str(policy)
+    if isinstance(m, dict) and "fold" in m:
+        f.attrs["fold"] = int(m["fold"])
     check_donor_fold(f)
-    return f, read_json(meta, "cells fold metadata")
+    return f, m
 
 
 class FoldSentences:

@@ -11,7 +11,8 @@ Sources (one per sheet row):
   (``cell_id, group``); with an H&E, the fusion study's registration maps each centroid into the slide
   (``Registration.um_to_he``) and cells whose patch cannot be cut (``cells.on_edge``) are dropped.
 
-Checks (one InputError each, nothing written): missing label column / layer / donor column; labels absent
+Checks (one InputError each, nothing written): duplicate cell ids (``obs_names``); missing label column /
+layer / donor column; labels absent
 from the label map (listed); non-integer or negative "counts" unless ``cells.values: normalised``; CSV cell
 ids that the matrix lacks. The unit table follows the contract of :mod:`morphomol.data.units`: obs
 ``sample_id, patient_id, label, raw_label, cell_id, index, has_image, x_um, y_um, he_x_px, he_y_px,
@@ -87,6 +88,12 @@ def read_h5ad_cells(path: str | Path, cfg: CellsConfig, patient: str) -> CellTab
             raise InputError(f"no layer {cfg.layer!r} (layers: {sorted(a.layers)})", file=path,
                              field=f"layers/{cfg.layer}", expected="the layer named by cells.layer")
         X, genes, field = a.layers[cfg.layer], list(a.var_names), f"layers/{cfg.layer}"
+    names = a.obs_names.astype(str)
+    dup = names[names.duplicated()].unique()
+    if len(dup):
+        raise InputError(f"{int(names.duplicated().sum())} duplicate cell id(s) in obs_names, e.g. "
+                         f"{list(dup[:5])}", file=path, field="obs_names (cell_id)",
+                         expected="one row per cell with a unique id (e.g. prefix the ids of pooled batches)")
     if cfg.label_key not in a.obs.columns:
         raise InputError(f"no label column {cfg.label_key!r} in obs (columns: {list(a.obs.columns)})", file=path,
                          field=f"obs/{cfg.label_key}", expected="the cell-type column named by cells.label_key")

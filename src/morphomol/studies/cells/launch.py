@@ -98,4 +98,7 @@ def _worker(spec_path: str) -> int:
 
 
 if __name__ == "__main__":
+    from morphomol.util.offline import enforce_offline
+
+    enforce_offline()  # as in the rule's own process (morphomol.smk): no hub, no hub kernels in the workers
     sys.exit(_worker(sys.argv[1]))

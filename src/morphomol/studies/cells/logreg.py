@@ -49,10 +49,10 @@ def _rmatmul(G: np.ndarray, X: Any) -> np.ndarray:
 
 class StandardisedLogisticRegression:
     """``LogisticRegression(C, max_iter, tol)`` on standardised ``X``, standardised implicitly (see the module
-    docstring); ``predict`` takes raw (unstandardised) rows."""
+    docstring); ``predict`` takes raw (unstandardised) rows. ``standardise=False``: on ``X`` as it is."""
 
-    def __init__(self, C: float = 1.0, max_iter: int = 100, tol: float = 1e-4) -> None:
-        self.C, self.max_iter, self.tol = float(C), int(max_iter), float(tol)
+    def __init__(self, C: float = 1.0, max_iter: int = 100, tol: float = 1e-4, standardise: bool = True) -> None:
+        self.C, self.max_iter, self.tol, self.standardise = float(C), int(max_iter), float(tol), bool(standardise)
 
     def fit(self, X: Any, y: Any) -> StandardisedLogisticRegression:
         from scipy import optimize
@@ -64,7 +64,10 @@ class StandardisedLogisticRegression:
         K = len(self.classes_)
         if K < 2:
             raise ValueError(f"logistic regression needs at least two classes, got {K}")
-        self.mean_, self.std_ = column_mean_std(X)
+        if self.standardise:
+            self.mean_, self.std_ = column_mean_std(X)
+        else:  # the features as they are: plain LogisticRegression(C) on X
+            self.mean_, self.std_ = np.zeros(F), np.ones(F)
         a = 1.0 / self.std_
         l2 = 1.0 / (self.C * n)
         rows = np.arange(n)

@@ -24,6 +24,7 @@ import pandas as pd
 from morphomol.errors import InputError, MorphomolError
 from morphomol.util.jsonio import read_json
 from morphomol.util.logs import get_logger, setup_logging
+from morphomol.util.offline import enforce_offline
 
 log = get_logger("cells.predict")
 
@@ -49,8 +50,19 @@ def predict_cells(*, h5ad: str | Path, adapter: str | Path, out: str | Path, mod
 
     if mode not in ("score", "generate"):
         raise InputError(f"unknown mode {mode!r}", field="mode", expected="score | generate")
-    info = read_json(Path(adapter) / "cells_model.json", "adapter metadata")
-    a = ad.read_h5ad(h5ad)
+    adapter, h5ad = Path(adapter), Path(h5ad)
+    if not adapter.is_dir():
+        raise InputError("adapter directory not found" + (" (it is a file)" if adapter.exists() else ""), file=adapter,
+                         field="--adapter", expected="runs/llm/fold{k}/adapter written by cells_train")
+    if not h5ad.is_file():
+        raise InputError("AnnData file not found" + (" (it is a directory)" if h5ad.is_dir() else ""), file=h5ad,
+                         field="--h5ad", expected="an AnnData .h5ad file with the new cells")
+    info = read_json(adapter / "cells_model.json", "adapter metadata")
+    try:
+        a = ad.read_h5ad(h5ad)
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise InputError(f"cannot read the AnnData ({type(exc).__name__}: {exc})", file=h5ad, field="--h5ad",
+                         expected="an AnnData .h5ad file") from None
     if layer == "raw" and a.raw is not None:
         X, genes = a.raw.X, list(a.raw.var_names)
     elif layer:
@@ -110,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
+    enforce_offline()  # no hub at run time (morphomol.util.offline), before transformers is imported
     setup_logging(None)
     try:
         predict_cells(h5ad=args.h5ad, adapter=args.adapter, out=args.out, mode=args.mode, layer=args.layer,

@@ -5,8 +5,9 @@ Cohort kind ``cells``: a sample sheet whose rows are AnnData cell tables (``h5ad
 fusion study's registration inputs (Xenium rows) or a row-aligned image store (h5ad rows).
 
 Everything checkable before any job runs fails in ``morphomol check-config`` / ``snakemake -n``: the
-label map, the prompt templates and the task schedule, the base-model directory (or the tiny-model
-option), each sheet row's combination of columns, image tasks without any image source, folds vs donors.
+label map, the prompt templates and the task schedule (a cohort without any image source runs without its
+image tasks, logged), the base-model directory (or the tiny-model option), each sheet row's combination of
+columns, the fold plan over donors (the shared policy of :mod:`morphomol.splits`; donors from the h5ad obs column when cells.donor_key is set).
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from typing import Any
 from morphomol.config.kinds import CohortKind, register_kind
 from morphomol.errors import InputError
 from morphomol.studies import StudySpec, register_study
+from morphomol.util.logs import get_logger
+
+log = get_logger("cells.study")
 
 KIND = register_kind(CohortKind(
     name="cells",
@@ -67,7 +71,7 @@ def check_rows(cohort: Any) -> None:
                 raise InputError(f"{where}: {col} without he_path", file=sheet, field=col)
 
 
-def check(cohort: Any, *, workdir: Path, config_file: Path) -> None:
+def check(cohort: Any, *, workdir: Path, config_file: Path, preflight: bool = True) -> None:
     from morphomol.studies.cells.labels import LabelMap
     from morphomol.studies.cells.modelfiles import check_model_dir
     from morphomol.studies.cells.prompts import check_schedule, enabled_tasks, load_templates
@@ -80,6 +84,8 @@ def check(cohort: Any, *, workdir: Path, config_file: Path) -> None:
     LabelMap.read(workdir / c.label_map)
     check_schedule(c.tasks, file=src)
     tasks = enabled_tasks(c.tasks)
+    if not any(row_has_image(cohort.sample(s)) for s in cohort.sample_ids):
+        tasks = [t for t in tasks if t not in c.image_tasks] or tasks  # only what the data can feed (below)
     load_templates(workdir / c.templates, tasks)
     if (c.model.path is None) == (c.model.tiny is None):
         raise InputError("name exactly one of model.path / model.tiny", file=src, field="cells.model",
@@ -97,17 +103,59 @@ def check(cohort: Any, *, workdir: Path, config_file: Path) -> None:
                                       "patch grid")
     check_rows(cohort)
     images = [s for s in cohort.sample_ids if row_has_image(cohort.sample(s))]
-    image_tasks = [t for t in tasks if t in c.image_tasks]
+    image_tasks = [t for t in enabled_tasks(c.tasks) if t in c.image_tasks]
     if image_tasks and not images:
-        raise InputError(f"image task(s) {image_tasks} enabled but no sample has an H&E (he_path) or image_store",
-                         file=src, field="cells.tasks",
-                         expected="image tasks only for cohorts with patches (set their weights to [[0, 0]])")
-    if c.donor_key is None:
-        n_donors = cohort.samples["patient_id"].nunique()
-        if n_donors < cohort.cfg.splits.n_folds + 1:
-            raise InputError(f"cohort '{cohort.name}' has {n_donors} donor(s) for {cohort.cfg.splits.n_folds} folds",
-                             file=cohort.source_of("splits") or config_file, field="splits.n_folds",
-                             expected=f"at most {n_donors - 1} folds (test and validation donors are disjoint)")
+        # a cohort without H&E runs without its image tasks: the schedule keeps the tasks the data can feed
+        # (each fold's sampler and evaluation drop image tasks when no cell has a patch, and log it)
+        text_tasks = [t for t in enabled_tasks(c.tasks) if t not in image_tasks]
+        if not text_tasks:
+            raise InputError(f"only image task(s) {image_tasks} enabled but no sample has an H&E (he_path) or "
+                             "image_store", file=src, field="cells.tasks",
+                             expected="a task without images (gene_to_type, type_to_genes) for a cohort without H&E")
+        log.info("cohort '%s': no sample has an H&E (he_path) or image_store; the image task(s) %s are left out "
+                 "of the task schedule (training and evaluation: %s)", cohort.name, image_tasks, text_tasks)
+    groups = donor_groups(cohort, workdir=workdir) if preflight else None
+    if groups is not None:
+        from morphomol.splits import check_fold_plan
+
+        check_fold_plan(cohort, file=cohort.source_of("splits") or config_file, groups=groups, unit="donor")
+
+
+def donor_groups(cohort: Any, *, workdir: Path) -> dict[str, list[str]] | None:
+    """donor -> its (donor, sample) groups, the units of the shared fold policy (:mod:`morphomol.splits`):
+    the sheet's patient_id, or with ``cells.donor_key`` the h5ad rows' obs column (only that column is read);
+    None while an h5ad input does not exist yet (a simulated demo; the cells_split rule plans then)."""
+    from morphomol.studies.cells.folds import SEP
+
+    key = cohort.cfg.cells.donor_key
+    groups: dict[str, list[str]] = {}
+    for sid in cohort.sample_ids:
+        row = cohort.sample(sid)
+        donors: list[str] = [str(row["patient_id"])]
+        if key is not None and row.get("h5ad"):
+            path = workdir / row["h5ad"]
+            if not path.is_file():
+                return None
+            donors = obs_values(path, key)
+        for d in dict.fromkeys(donors):
+            groups.setdefault(d, []).append(f"{d}{SEP}{sid}")
+    return groups
+
+
+def obs_values(path: Path, key: str) -> list[str]:
+    """The distinct values of one obs column of an h5ad file (nothing else is read)."""
+    import h5py
+    from anndata.io import read_elem
+
+    try:
+        with h5py.File(path, "r") as f:
+            if key not in f["obs"]:
+                raise InputError(f"no donor column {key!r} in obs", file=path, field=f"obs/{key}",
+                                 expected="the donor column named by cells.donor_key")
+            col = read_elem(f["obs"][key])
+    except OSError as exc:
+        raise InputError(f"cannot read the AnnData file ({exc})", file=path, expected="an h5ad file") from None
+    return sorted({str(v) for v in col})
 
 
 STUDY = register_study(StudySpec(

@@ -37,8 +37,6 @@ METHODS: dict[str, str] = {
     "llm:score": "Tuned LLM, constrained scoring",
 }
 HIGHER = {"accuracy": True, "macro_f1": True, "balanced_accuracy": True}
-SEED_NOTE = ("Seed 000 (MedGemma-4b-it + QLoRA, NSCLC, 12 immune and stromal types): tuned 70.07% test accuracy "
-             "(n = 20,764), 69.85% validation (n = 41,529); untuned 16.32% (4.3x). Split by donor not stated.")
 MODALITIES = (("genes only", "gene_to_type", "logreg"), ("image only", "image_to_type", "logreg_image"),
               ("image + genes", "image_genes_to_type", "logreg_both"))
 
@@ -141,6 +139,27 @@ def reference_notes(baselines: Sequence[Mapping[str, Any]]) -> list[str]:
             f"fold (kNN references {', '.join(f'{r:,} of {n:,}' for r, n in knn)})."]
 
 
+def hyperparameter_notes(baselines: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Per fold: the baselines' hyper-parameters chosen by the inner donor-grouped CV (or the defaults)."""
+    from morphomol.studies.cells.baselines import describe_choice
+
+    return [f"Fold {m['fold']}: {describe_choice(m['hyperparameters'])} ({m['hyperparameters']['selection']})."
+            for m in baselines if "hyperparameters" in m]
+
+
+def hyperparameter_column(baselines: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """method -> the values each fold used (``fold 0: C=1, std; fold 1: ...``) for the ladder's CSV."""
+    out: dict[str, list[str]] = {}
+    for m in baselines:
+        hp = m.get("hyperparameters")
+        if not hp:
+            continue
+        lr = f"C={hp['logreg']['C']:g}, {'standardised' if hp['logreg']['standardise'] else 'unscaled'}"
+        for method, text in (("logreg", lr), ("logreg_shuffled", lr), ("knn", f"k={hp['knn']['k']}")):
+            out.setdefault(method, []).append(f"fold {m['fold']}: {text}")
+    return {k: "; ".join(v) for k, v in out.items()}
+
+
 def modality_matrix(preds: pd.DataFrame) -> pd.DataFrame:
     """Test cells with an H&E patch: genes only / image only / both, tuned LLM (both modes) and the
     logistic-regression counterpart on the same cells."""
@@ -188,7 +207,7 @@ def make_tables(*, metrics: Mapping[str, Sequence[str | Path]], predictions: Map
     metas = [read_json(f, "cells fold metadata") for f in folds]
     labels = sorted({lab for m in metas for lab in m["labels"]})
     seed = seed_table(preds)
-    notes = [SEED_NOTE, "Here: donor-grouped folds (no donor in two partitions, asserted); mean ± sd over folds; "
+    notes = ["Donor-grouped folds (no donor in two partitions, asserted); mean ± sd over folds; "
              "fold change = tuned / untuned test accuracy."]
     if "fold_change" in seed.columns:
         for _, r in seed.dropna(subset=["fold_change"]).iterrows():
@@ -203,14 +222,18 @@ def make_tables(*, metrics: Mapping[str, Sequence[str | Path]], predictions: Map
            title=f"Cell type from expression ({cohort}, {len(labels)} types)", label="tab:cells", notes=notes)
     lad, honest = ladder(preds)
     evals = {m: [read_json(p, "metrics") for p in ps] for m, ps in metrics.items()}
+    chosen = hyperparameter_column(evals.get("baselines", []))
+    lad["hyperparameters"] = [chosen.get(m, "") for m in lad["method"]] if len(lad) else []
     _write(lad, [Column("model", "Method"), Column("accuracy", "Accuracy", "accuracy", "r"),
                  Column("macro_f1", "Macro-F1", "macro_f1", "r"),
                  Column("balanced_accuracy", "Balanced accuracy", "balanced_accuracy", "r"),
                  Column("delta_vs_logreg", "Δ accuracy vs LR", align="r"), Column("n", "n", align="r")],
            out["ladder_csv"], out["ladder_md"], out["ladder_tex"], title=f"Baseline ladder, test cells ({cohort})",
            label="tab:cells-ladder", notes=honest + ["Same donor-grouped folds and the same test cells for every "
-                                                     "method; mean ± sd over folds."]
-           + reference_notes(evals.get("baselines", [])))
+                                                     "method; mean ± sd over folds. The baselines are fit on the "
+                                                     "LLM's training (fit) cells; their hyper-parameters are chosen "
+                                                     "by inner CV grouped by donor over those fit donors only:"]
+           + hyperparameter_notes(evals.get("baselines", [])) + reference_notes(evals.get("baselines", [])))
     mod = modality_matrix(preds)
     _write(mod, [Column("modality", "Input"), Column("llm_score", "Tuned LLM (scoring)", align="r"),
                  Column("llm_generate", "Tuned LLM (generation)", align="r"),
@@ -218,12 +241,15 @@ def make_tables(*, metrics: Mapping[str, Sequence[str | Path]], predictions: Map
                  Column("logreg", "Logistic regression", align="r"), Column("n", "n", align="r")],
            out["modality_csv"], out["modality_md"], out["modality_tex"],
            title=f"Modality matrix: accuracy on test cells with an H&E patch ({cohort})", label="tab:cells-modality",
-           notes=["Logistic regression on HVG log1p (genes), a 16x16 RGB thumbnail of the patch (image), or both."])
+           notes=["Logistic regression on HVG log1p (genes), a 16x16 RGB thumbnail of the patch (image), or both."]
+           + ([] if preds["has_image"].astype(bool).any() else
+              ["No cell of this cohort has an H&E patch: the image tasks were left out of training and evaluation "
+               "(the rows stay empty)."]))
     f1, conf = pooled(preds, labels)
     write_csv(out["per_class"], f1)
     write_csv(out["confusion"], conf)
     trains = [read_json(t, "train metrics") for t in train]
-    summary = {"cohort": cohort, "labels": labels, "honest": honest,
+    summary = {"cohort": cohort, "labels": labels, "honest": honest, "baseline_hyperparameters": chosen,
                "seed_table": seed.drop(columns=[c for c in ("test_accuracy", "val_accuracy") if c in seed])
                                  .to_dict("records"),
                "ladder": {r["method"]: {k: r[f"{k}_mean"] for k in HIGHER} | {"delta_vs_logreg": r["delta_mean"]}

@@ -162,6 +162,9 @@ def train_fold(inputs: TrainInputs, outputs: TrainOutputs, *, cfg: CellsConfig, 
                           sentences=sentences)
         batcher = _Batcher(processor, chat, fx, t_cfg.max_length)
         val_draws = validation_set(table, sampler.tasks, t_cfg.val_examples, runtime.seed)
+        if not val_draws:  # splits.validation none (one training donor with one sample): nothing to monitor
+            log.info("fold %s: no validation cells (validation %s): %d fixed steps, no validation losses", meta["fold"],
+                     meta.get("validation", "none"), t_cfg.steps)
 
         model, quant = load_base(inputs.base_model, cfg, device)
         model = add_lora(model, cfg, quant)
@@ -264,7 +267,8 @@ def train_fold(inputs: TrainInputs, outputs: TrainOutputs, *, cfg: CellsConfig, 
                    "tokens_per_second": st.tokens / max(st.seconds, 1e-9), "examples": st.examples, "tokens": st.tokens,
                    "trainable_parameters": int(sum(p.numel() for p in params)),
                    "final_loss": float(np.nanmean([r["loss"] for r in st.log[-max(1, t_cfg.log_every):]])),
-                   "validation": st.val, "n_fit": len(sampler.rows), "n_fit_images": len(sampler.image_rows)}
+                   "validation": st.val, "validation_policy": meta.get("validation"),
+                   "n_fit": len(sampler.rows), "n_fit_images": len(sampler.image_rows)}
         if device.type == "cuda":
             metrics["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
         if rank == 0:

@@ -115,7 +115,9 @@ def train_clip(
             setting=s.to_dict(), training=run_training(training),
             seed=runtime.seed, model=mcfg, fit=ids_digest(data.fit.tile_ids), core=data.core_genes,
             vit_weights=vit_weights, fold=fold, inputs=inputs.artifacts() if inputs is not None else None)
-        res = fit(model, data.fit, fields, training, runtime, outs.work_dir, loss_fn=loss_fn, validate=validate,
+        has_val = len(data.val) > 0  # none: the fold's splits.validation policy is none (fixed epochs)
+        res = fit(model, data.fit, fields, training, runtime, outs.work_dir, loss_fn=loss_fn,
+                  validate=validate if has_val else None,
                   fingerprint=fp, batch_size=bs, drop_last=True, val_name="val_infonce", on_step=on_step,
                   loss_reduction="global" if dist.active else "mean")
         img, txt = clip_embeddings(model, data.test, fields, bs, device, num_workers, threads)
@@ -128,6 +130,7 @@ def train_clip(
                "retrieval": {"direction": "image->transcript", "chunk_size": rec["chunk_size"],
                              "n_chunks": rec["n_chunks"], "n_queries": rec["n_queries"]},
                "best_epoch": res.best_epoch, "epochs_run": res.epochs_run, "val_infonce": res.best_val,
+               "validation": "val partition" if has_val else "none", "selection": res.selection,
                "train_seconds": res.train_seconds, "tiles_per_second": res.tiles_per_second,
                "pretrained": bool(vit_weights), "paper_row": s.paper_row, "device": str(device), "seed": runtime.seed,
                "logit_scale": float(model.logit_scale.detach().cpu()), "resumed": res.resumed,

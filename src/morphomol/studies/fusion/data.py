@@ -211,10 +211,14 @@ def fold_from_stores(inputs: FoldInputs, *, buffer_chunks: int = 8, buffer_batch
     stores = inputs.stores()
     parts = {p: StoreSplit(split, panel, stores, p, buffer_chunks=buffer_chunks, buffer_batches=buffer_batches)
              for p in PARTITIONS}
+    # a fold whose validation policy is none (splits.validation; e.g. one training sample) has no val tiles:
+    # its trainers run fixed epochs without early stopping
+    policy = str(split.attrs.get("validation", "patient"))
     for p, ds in parts.items():
-        if len(ds) == 0:
-            raise InputError(f"fold {inputs.fold} has no '{p}' tiles", file=inputs.folds, field="partition",
-                             expected="fit, val and test tiles in every fold")
+        if len(ds) == 0 and not (p == "val" and policy == "none"):
+            raise InputError(f"fold {inputs.fold} has no '{p}' tiles (validation {policy})", file=inputs.folds,
+                             field="partition", expected="fit and test tiles in every fold, val tiles unless the "
+                             "fold's validation policy is none")
     return FoldData(parts["fit"], parts["val"], parts["test"], list(panel["core"]), list(panel["addon"]),
                     {k: {s: Path(p) for s, p in v.items()} for k, v in inputs.features.items()})
 
@@ -256,6 +260,8 @@ def attach_features(setting: ModelSetting, data: FoldData, *, vit: Any, batch_si
         dim = None
         if enc in data.feature_paths:
             for k, ds in splits.items():
+                if len(ds) == 0:  # an empty val partition (validation policy none): nothing to attach
+                    continue
                 if isinstance(ds, StoreSplit):
                     dim = ds.with_features(key, data.feature_paths[enc])
                 else:
@@ -266,7 +272,8 @@ def attach_features(setting: ModelSetting, data: FoldData, *, vit: Any, batch_si
             torch.manual_seed(seed)
             model = vit()
             for k, ds in splits.items():
-                feats[k][key] = frozen_vit_features(model, ds, batch_size, device)
+                if len(ds):  # an empty val partition (validation policy none): nothing to compute
+                    feats[k][key] = frozen_vit_features(model, ds, batch_size, device)
             dim = feats["fit"][key].shape[1]
             info[enc] = "computed"
             log.info("computed frozen %s features once per tile (%d tiles)", enc, sum(len(s) for s in splits.values()))

@@ -119,8 +119,9 @@ def train_setting(
             seed=runtime.seed, model=model, fit=ids_digest(splits["fit"].tile_ids),
             val=ids_digest(splits["val"].tile_ids), core=data.core_genes, addon=data.addon_genes,
             vit_weights=vit_weights, fold=fold, inputs=inputs.artifacts() if inputs is not None else None)
+        has_val = len(splits["val"]) > 0  # none: the fold's splits.validation policy is none (fixed epochs)
         res = fit(net, splits["fit"], fields, training, runtime, outs.work_dir, loss_fn=regression_loss,
-                  validate=validate, fingerprint=fp, on_step=on_step)
+                  validate=validate if has_val else None, fingerprint=fp, on_step=on_step)
         ids, y, y_hat = predict(net, splits["test"], fields, training.batch_size, device, num_workers, threads=threads)
 
     report = regression_report(y, y_hat, data.addon_genes)
@@ -129,6 +130,7 @@ def train_setting(
         "n_fit": len(splits["fit"]), "n_val": len(splits["val"]), "n_test": len(splits["test"]),
         **report,
         "best_epoch": res.best_epoch, "epochs_run": res.epochs_run, "val_mse": res.best_val,
+        "validation": "val partition" if has_val else "none", "selection": res.selection,
         "train_seconds": res.train_seconds, "tiles_per_second": res.tiles_per_second,
         "pretrained": bool(vit_weights) if s.morph_encoder == IN_MODEL_ENCODER else s.morph_encoder is not None,
         "paper_row": s.paper_row, "params": counts, "features": feat_info, "device": str(device),

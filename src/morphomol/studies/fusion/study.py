@@ -6,7 +6,8 @@ the sheets and the small files of each bundle (never the transcripts or images):
 * the settings file (schema + combinations + encoder names), and that ``tables.baseline`` names a
   setting (or ``best_morph_only``);
 * tile geometry: the stride divides the tile and is a whole number of tokens;
-* ``splits.n_folds`` <= the number of patients (folds are patient-grouped, asserted in code);
+* the fold plan (:func:`morphomol.splits.plan_folds`): ``splits.n_folds`` <= patients, ``splits.validation``
+  possible in every fold (the shared policy; asserted in code on every fold);
 * panel genes: no control probe among core/add-on genes; when a bundle ships ``gene_panel.json``
   every panel gene is one of its targets.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from morphomol.errors import InputError
+from morphomol.splits import check_fold_plan
 from morphomol.studies import StudySpec, register_study
 
 
@@ -61,7 +63,7 @@ def check_panel_genes(cohort: Any, *, workdir: Path) -> None:
                                  field=key, expected="genes measured in every sample")
 
 
-def check(cohort: Any, *, workdir: Path, config_file: Path) -> None:
+def check(cohort: Any, *, workdir: Path, config_file: Path, preflight: bool = True) -> None:
     from morphomol.studies.fusion.settings import load_settings
 
     cfg = cohort.cfg
@@ -78,11 +80,7 @@ def check(cohort: Any, *, workdir: Path, config_file: Path) -> None:
         raise InputError(f"model.vit.embed_dim {vit.embed_dim} is not a multiple of model.vit.num_heads {vit.num_heads}",
                          file=cohort.source_of("model") or config_file, field="model.vit.embed_dim",
                          expected="a multiple of model.vit.num_heads (each attention head gets embed_dim / num_heads)")
-    n_pat = cohort.samples["patient_id"].nunique()
-    if cfg.splits.n_folds > n_pat:
-        raise InputError(f"splits.n_folds is {cfg.splits.n_folds} but cohort '{cohort.name}' has {n_pat} patient(s)",
-                         file=cohort.source_of("splits") or config_file, field="splits.n_folds",
-                         expected=f"at most {n_pat} folds (folds are grouped by patient)")
+    check_fold_plan(cohort, file=cohort.source_of("splits") or config_file)
     check_panel_genes(cohort, workdir=workdir)
 
 

@@ -188,7 +188,9 @@ def train_align(model: AlignModel, fit_data: AlignData, val_data: AlignData, cfg
     with run_context(runtime):
         res = fit(model, src, fit_data.fields, training, runtime, work,
                   loss_fn=lambda m, b: m.loss(b),  # type: ignore[attr-defined]
-                  validate=lambda m: (val_loss(m, val_data, cfg.batch_size), {}),  # type: ignore[arg-type]
+                  # no validation slides (splits.validation none): fixed epochs, last weights
+                  validate=(lambda m: (val_loss(m, val_data, cfg.batch_size), {}))  # type: ignore[arg-type]
+                  if len(val_data) else None,
                   fingerprint=fingerprint, batch_size=bs, drop_last=False, val_name="val_infonce")
     finish(work)
     try:

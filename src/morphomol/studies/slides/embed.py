@@ -58,6 +58,19 @@ class PcaRna:
         order = order[(var[order] > 0) & (mean[order] >= self.min_mean)]
         if self.n_genes:
             order = order[:self.n_genes]
+        if len(order) == 0 and int(n_rows := len(columns(np.zeros(0, np.int64)))) == 1:
+            # one training slide (a fold of a 2-patient cohort, splits.validation none): nothing varies; the
+            # encoder is the (unit-scaled) profile of the most expressed genes instead of a PCA
+            order = np.argsort(-mean, kind="stable")[:max(1, min(self.n_components, len(mean)))]
+            log.warning("one training slide: no variance to fit the RNA PCA; using its %d most expressed genes",
+                        len(order))
+            self.idx = np.sort(order)
+            self.genes = [str(genes[i]) for i in self.idx]
+            X = np.asarray(columns(self.idx), np.float64)
+            self.mean, self.sd = X.mean(axis=0), np.ones(X.shape[1])
+            self.components = np.eye(len(self.idx))
+            self.scale = 1.0
+            return self
         if len(order) == 0:
             raise InputError(f"no gene with mean log2 expression >= {self.min_mean:g} varies across the training slides",
                              field="slides.pca_min_mean", expected="a lower threshold")

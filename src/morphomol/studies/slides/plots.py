@@ -39,7 +39,8 @@ def plot_spectrum(gs: pd.DataFrame, out: str | Path, *, title: str) -> Path:
     ax.set_xticks(x)
     ax.set_xticklabels([s.replace("HALLMARK_", "") for s in df["gene_set"]], rotation=90, fontsize=6)
     ax.set_ylabel("R² on held-out slides")
-    lo = float(np.nanmin(df["knn_trained_r2_mean"].to_numpy()))
+    r2 = df["knn_trained_r2_mean"].to_numpy(float)
+    lo = float(np.nanmin(r2)) if np.isfinite(r2).any() else 0.0  # all n/a: too few test slides per fold
     ax.set_ylim(max(-1.0, min(-0.2, lo - 0.1)), 1.0)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in COLOURS.values()]
     leg = ax.legend(handles, list(COLOURS), loc="upper right", fontsize=7, title="sets", title_fontsize=7)

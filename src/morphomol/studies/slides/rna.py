@@ -74,20 +74,43 @@ def read_matrix(path: str | Path) -> pd.DataFrame:
     return df
 
 
+def _header(p: Path, sep: str) -> tuple[list[str], int]:
+    """(the labels of the first line as written, the fields of the second line). pandas renames repeated
+    column labels (``AARS``, ``AARS.1``): duplicates must stay visible to be refused."""
+    import csv
+    import gzip
+
+    opener = gzip.open if p.name.lower().endswith(".gz") else open
+    with opener(p, "rt", newline="", encoding="utf-8-sig") as fh:
+        rows = csv.reader(fh, delimiter=sep)
+        labels = [c.strip() for c in next(rows, [])]
+        return labels, len(next(rows, labels))
+
+
 def _read_text_matrix(p: Path, sep: str) -> pd.DataFrame:
     """A delimited matrix with labels in the first column, numbers parsed as float32 (half the memory of
     float64; counts are exact up to 2**24); a file with non-numeric cells is read as it is (the caller
-    reports them)."""
-    head = pd.read_csv(p, sep=sep, nrows=0)
-    cols = list(head.columns)
-    if len(cols) < 2:
+    reports them). Column labels are the header's as written (repeated labels kept, not renamed)."""
+    labels, n_fields = _header(p, sep)
+    if len(labels) < 2:
         return pd.read_csv(p, sep=sep, index_col=0)
-    dtype: dict[Any, Any] = {c: np.float32 for c in cols[1:]}
-    dtype[cols[0]] = str
+    # columns by position: the header's labels are set afterwards, so that repeated labels stay repeated
+    dtype: dict[Any, Any] = {i: np.float32 for i in range(1, max(n_fields, 2))}
+    dtype[0] = str
     try:
-        return pd.read_csv(p, sep=sep, index_col=0, dtype=dtype)
+        df = pd.read_csv(p, sep=sep, header=None, skiprows=1, index_col=0, dtype=dtype)
     except (ValueError, TypeError):
-        return pd.read_csv(p, sep=sep, index_col=0)
+        df = pd.read_csv(p, sep=sep, header=None, skiprows=1, index_col=0)
+    if df.shape[1] == len(labels) - 1:
+        df.columns = pd.Index(labels[1:])
+        df.index.name = labels[0] or None
+    elif df.shape[1] == len(labels):  # a header without a label for the first column (R's write.table)
+        df.columns = pd.Index(labels)
+        df.index.name = None
+    else:
+        raise InputError(f"the header has {len(labels)} labels but the rows have {df.shape[1] + 1} fields", file=p,
+                         field="slides.rna.path", expected="one label per column on the first line")
+    return df
 
 
 def orient(df: pd.DataFrame, rna_ids: Sequence[str], orientation: str, *, file: object = None) -> tuple[pd.DataFrame, str]:
@@ -187,8 +210,9 @@ def match_samples(mat: pd.DataFrame, sheet: pd.DataFrame, *, file: object = None
                          field="slides.rna.path", expected="one column (or row) per sample")
     if mat.columns.duplicated().any():
         dup = sorted(set(mat.columns[mat.columns.duplicated()]))
-        raise InputError(f"{len(dup)} duplicate gene symbol(s) in the RNA matrix: {', '.join(dup[:10])}", file=file,
-                         field="slides.rna.path", expected="unique gene symbols (aggregate duplicates first)")
+        raise InputError(f"{len(dup)} duplicate gene symbol(s) in the RNA matrix: {', '.join(dup[:10])}"
+                         f"{' ...' if len(dup) > 10 else ''}", file=file, field="gene",
+                         expected="unique gene symbols (aggregate duplicates first)")
     missing = [s for s, r in zip(sheet["sample_id"], rna_ids, strict=True) if r not in mat.index]
     if missing:
         raise InputError(f"{len(missing)} slide(s) of the sample sheet have no RNA profile: {', '.join(missing[:10])}"

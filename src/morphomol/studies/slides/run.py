@@ -154,6 +154,7 @@ def run_fold(*, setting: str, fold: int, folds: str | Path, embeddings: Mapping[
         "slide_encoder": setting, "rna_encoder": cfg.rna_encoder, "rna_dim": int(rna_enc.dim),
         "n_gene_sets": len(tables.set_names), "retrieval": retrieval, "summary": summary, "gene_sets": gene_sets,
         "best_epoch": res.best_epoch, "epochs_run": res.epochs_run, "best_val_infonce": res.best_val,
+        "validation": "val partition" if len(val_i) else "none", "selection": res.selection,
         "train_seconds": res.train_seconds, "slides_per_second": res.tiles_per_second,
         "temperature": float(1.0 / model.scale.detach()), "permuted_best_epoch": res_p.best_epoch,
         "history": res.history, "seconds": time.perf_counter() - t0,

@@ -22,6 +22,7 @@ from typing import Any
 from morphomol.config.kinds import CohortKind, register_kind
 from morphomol.encoders import bulk_rna  # noqa: F401  (registers the bulk-RNA expression encoder)
 from morphomol.errors import InputError
+from morphomol.splits import check_fold_plan
 from morphomol.studies import StudySpec, register_study
 
 SLIDES = "slides"
@@ -99,11 +100,7 @@ def _check_encoders(cfg: Any, s: Any, *, workdir: Path, file: Path) -> None:
 
 def _check_patients(cohort: Any, cfg: Any, *, file: Path) -> None:
     df = cohort.samples
-    n_pat = df["patient_id"].nunique()
-    if cfg.splits.n_folds > n_pat:
-        raise InputError(f"splits.n_folds is {cfg.splits.n_folds} but cohort '{cohort.name}' has {n_pat} patient(s)",
-                         file=cohort.source_of("splits") or file, field="splits.n_folds",
-                         expected=f"at most {n_pat} folds (folds are grouped by patient)")
+    check_fold_plan(cohort, file=cohort.source_of("splits") or file)
     per = df.groupby("patient_id")["cohort"].nunique()
     if (per > 1).any():
         raise InputError(f"patient {per.index[per > 1][0]} appears in two cohorts", file=cohort.sheet_path,
@@ -118,7 +115,7 @@ def _check_patients(cohort: Any, cfg: Any, *, file: Path) -> None:
                                           "(or slides.transfer.enabled: false)")
 
 
-def check(cohort: Any, *, workdir: Path, config_file: Path) -> None:
+def check(cohort: Any, *, workdir: Path, config_file: Path, preflight: bool = True) -> None:
     """Everything checkable before any job runs (see the module doc)."""
     cfg = cohort.cfg
     s = cfg.slides

@@ -16,6 +16,9 @@ For target cohort ``c`` (sheet column ``cohort``) and the primary setting (``sli
 
 Writes one JSON: ``records`` (target, mode, fraction, repeat, shots, n_eval, recall@k both ways and
 chance, mean R² / Pearson over grounded / other / null sets, per-set R²) and the run's metadata.
+Few evaluated slides: recall@k only for k < n_eval, per-set R² / Pearson only with at least 3 of them
+(:mod:`morphomol.studies.slides.evaluate`), NaN otherwise; fewer than 10 is logged as a warning and flagged
+in the transfer table.
 """
 
 from __future__ import annotations
@@ -47,11 +50,19 @@ def _choose_val(patients: np.ndarray, frac: float, seed: int) -> np.ndarray:
 
 def _record(model: Any, data: Any, tables: Any, ref_i: np.ndarray, eval_i: np.ndarray, cfg: Any) -> dict[str, Any]:
     from morphomol.studies.slides.align import embed_data
-    from morphomol.studies.slides.evaluate import retrieval, set_metrics, soft_knn
+    from morphomol.studies.slides.evaluate import FEW_TEST_SLIDES, recall_reason, retrieval, set_metrics, soft_knn
     from morphomol.studies.slides.run import summarise
 
     zs, zr = embed_data(model, data, cfg.align.batch_size)
-    ret = retrieval(zs[eval_i], zr[eval_i], cfg.retrieval_ks)
+    if len(eval_i) >= 2:
+        ret = retrieval(zs[eval_i], zr[eval_i], cfg.retrieval_ks)
+    else:  # a single evaluated slide: no retrieval at all
+        nan = {f"recall@{k}": float("nan") for k in cfg.retrieval_ks}
+        ret = {"slide_to_rna": nan, "rna_to_slide": dict(nan), "chance": dict(nan),
+               "not_computable": {f"recall@{k}": recall_reason(k, len(eval_i)) for k in cfg.retrieval_ks}}
+    if len(eval_i) < FEW_TEST_SLIDES:
+        log.warning("transfer: %d evaluated slide(s) (< %d): too few for retrieval, R² and Pearson to mean much%s",
+                    len(eval_i), FEW_TEST_SLIDES, "".join(f"; {k} not computable" for k in ret["not_computable"]))
     temp = cfg.prompting.knn_temperature or float(1.0 / model.scale.detach())
     yhat = soft_knn(zs[eval_i], zr[ref_i], tables.Y[ref_i], cfg.prompting.knn_k, temp)
     ps = set_metrics(tables.Y[eval_i], yhat, tables.set_names)
@@ -60,8 +71,8 @@ def _record(model: Any, data: Any, tables: Any, ref_i: np.ndarray, eval_i: np.nd
         for k, v in ret[direction].items():
             out[f"{direction}:{k}"] = v
     out.update(summarise(ps, tables, cfg.gene_sets.grounded))
-    out["mean_pearson_grounded"] = float(np.nanmean(ps["pearson"].to_numpy()[np.isin(tables.set_names,
-                                                                                    list(cfg.gene_sets.grounded))]))
+    r = ps["pearson"].to_numpy()[np.isin(tables.set_names, list(cfg.gene_sets.grounded))]
+    out["mean_pearson_grounded"] = float(np.nanmean(r)) if np.isfinite(r).any() else float("nan")
     out["r2"] = {s: float(ps.at[s, "r2"]) for s in tables.set_names}
     return out
 

@@ -12,6 +12,11 @@
   :mod:`morphomol.baselines.ridge`, with intercept; ``ridge`` section).
 * ``mean`` — the per-gene training mean (a constant: its Pearson is undefined, its MSE is the bar
   every head must beat).
+* ``depth_only`` — the sequencing-depth control: ridge (with intercept, fixed ``alpha`` =
+  :data:`DEPTH_ALPHA` on the standardised feature) on one feature, the spot's ``log1p(n_counts)`` (its total
+  counts over every gene, obs of the unit table), predicting every target. It sees no image: what it reaches is
+  what depth alone explains (with ``log1p`` targets of a cohort of mixed depth, most of a gene's pooled
+  Pearson). Needs no features store; the same folds, partitions and targets as the others.
 
 Training = the fit + val partitions (the baselines select nothing on validation), test = the fold's
 test partition, touched once. Out of core, as :mod:`morphomol.baselines.ridge`: per fold, the training
@@ -41,7 +46,10 @@ log = get_logger("spots.baselines")
 
 DESCRIPTIONS = {"ridge_hest": "HEST probe: PCA -> ridge, alpha = 100/(d n_genes), no intercept",
                 "ridge_cv": "PCA -> ridge, alpha by inner patient-grouped CV",
-                "mean": "per-gene training mean"}
+                "mean": "per-gene training mean",
+                "depth_only": "ridge on the spot's log1p total counts alone (sequencing-depth control)"}
+#: ridge penalty of the depth control (one standardised feature: negligible next to the n spots it is fitted on)
+DEPTH_ALPHA = 1.0
 
 
 def hest_alpha(d: int, n_genes: int) -> float:
@@ -110,15 +118,33 @@ def _targets_fn(transform: str, target_sum: float, units: Path) -> Any:
     return fn
 
 
+class _DepthTargets:
+    """A targets function (:func:`morphomol.baselines.ridge.iter_chunks`) that also keeps the chunk's depth
+    feature ``log1p(n_counts)`` (N, 1): the one feature of the ``depth_only`` control."""
+
+    def __init__(self, fn: Any, units: Path) -> None:
+        self.fn, self.units = fn, units
+        self.x: np.ndarray | None = None
+
+    def __call__(self, counts: Any, totals: np.ndarray) -> np.ndarray:
+        t = np.asarray(totals, np.float64)
+        if not np.isfinite(t).all() or (t < 0).any():
+            raise InputError(f"{int((~np.isfinite(t) | (t < 0)).sum())} spot(s) without a finite, non-negative "
+                             "total count", file=self.units, field="obs.n_counts",
+                             expected="a unit table written by spots_units (n_counts per spot)")
+        self.x = np.log1p(t)[:, None]
+        return self.fn(counts, totals)
+
+
 def run_spot_baseline(name: str, inputs: SpotsInputs, *, out_metrics: str | Path, out_predictions: str | Path,
                       ridge: Any, encoder: str, seed: int = 0, chunk_rows: int | None = None) -> dict[str, Any]:
     """Run baseline ``name`` on every fold (see the module docstring); writes its metrics and predictions.
     ``inputs``: the job's declared inputs (unit tables and features stores per sample in cohort order, no
-    features needed for ``mean``; the cohort's fold table; one targets document per fold); ``ridge``: the
-    ``ridge`` config section; ``seed``: unused (the PCA is exact: nothing is random)."""
+    features needed for ``mean`` and ``depth_only``; the cohort's fold table; one targets document per fold);
+    ``ridge``: the ``ridge`` config section; ``seed``: unused (the PCA is exact: nothing is random)."""
     from morphomol.baselines.ridge import (MomentSums, check_options, chunk_rows_for, feature_dim, fit_from_sums,
-                                           fit_pca_ridge, inner_plan, iter_chunks, lsqr_coef, open_sample, predictor,
-                                           predictor_from_coef, report_blockwise)
+                                           fit_pca_ridge, inner_plan_samples, iter_chunks, lsqr_coef, open_sample,
+                                           predictor, predictor_from_coef, report_blockwise)
     from morphomol.data.runs import open_predictions_writer, write_metrics
 
     del seed
@@ -126,14 +152,15 @@ def run_spot_baseline(name: str, inputs: SpotsInputs, *, out_metrics: str | Path
     features: Mapping[str, str | Path] | None = inputs.features or None
     if name not in BASELINES:
         raise InputError(f"unknown baseline {name!r}", field="baseline", expected=" | ".join(BASELINES))
-    use_x = name != "mean"
+    use_x = name in ("ridge_hest", "ridge_cv")   # frozen features (depth_only: its own one feature)
+    depth = name == "depth_only"
     samples = [str(s) for s in units]
     if use_x:
         missing = [s for s in samples if s not in (features or {})]
         if missing:
             raise InputError(f"no features store for sample(s) {missing[:5]}", field="features",
                              expected="a features store per sample of the cohort")
-    dim = feature_dim([features[s] for s in samples]) if use_x and features else 0
+    dim = feature_dim([features[s] for s in samples]) if use_x and features else (1 if depth else 0)
     alphas = check_options(ridge.alphas, ridge.select_by) if name == "ridge_cv" else []
     opened = {s: open_sample(s, units[s], features[s] if use_x and features else None) for s in samples}
     runs, per_gene = [], {}
@@ -156,24 +183,29 @@ def run_spot_baseline(name: str, inputs: SpotsInputs, *, out_metrics: str | Path
                 raise InputError(f"fold {k} has no test spots", file=folds, field="partition",
                                  expected="some 'test' rows")
             fn = {s: _targets_fn(tg["transform"], tg["target_sum"], opened[s].units) for s in samples}
+            if depth:
+                fn = {s: _DepthTargets(f, opened[s].units) for s, f in fn.items()}
             info: dict[str, Any] = {}
             if name == "ridge_cv":
-                per_patient = train.groupby("patient_id", sort=True)["n_units"].sum()
-                plan, n_inner = inner_plan({str(p): int(n) for p, n in per_patient.items()}, alphas,
-                                           ridge.inner_folds)
-                groups = [(opened[s], plan[p]) for s, p in zip(train["sample_id"], train["patient_id"], strict=True)]
+                # inner CV grouped by the shared policy: patients, else samples, else none (middle alpha)
+                plan, n_inner, _ = inner_plan_samples(train, alphas, ridge.inner_folds)
+                groups = [(opened[s], plan[s]) for s in train["sample_id"]]
             else:
                 n_inner, groups = 0, [(opened[s], 0) for s in train["sample_id"]]
             sums = MomentSums(dim, len(genes), max(1, n_inner))
             for src, grp in groups:
                 for _ids, x, y in iter_chunks(src, genes, fn[src.sample], chunk_rows=step, with_features=use_x):
-                    sums.add(x, y, grp)
-            if sums.n < 1 or (use_x and sums.n < 2):
+                    sums.add(fn[src.sample].x if depth else x, y, grp)
+            if sums.n < 1 or ((use_x or depth) and sums.n < 2):
                 raise InputError(f"fold {k}: {sums.n} training spot(s)", file=folds, field="partition",
                                  expected="fit + val spots to train on")
             if name == "mean":
                 mean = sums.total().mean_y
                 models = None
+            elif depth:
+                fit = fit_pca_ridge(sums.total(), 1)
+                models = (predictor(fit, DEPTH_ALPHA), None)
+                info = {"alpha": DEPTH_ALPHA, "feature": "log1p(n_counts)", "intercept": True}
             elif name == "ridge_hest":
                 total = sums.total()
                 fit = fit_pca_ridge(total, ridge.n_components)
@@ -194,6 +226,7 @@ def run_spot_baseline(name: str, inputs: SpotsInputs, *, out_metrics: str | Path
             at = 0
             for s in test["sample_id"]:
                 for ids, x, y in iter_chunks(opened[s], genes, fn[s], chunk_rows=step, with_features=use_x):
+                    x = fn[s].x if depth else x
                     sl = slice(at, at + len(ids))
                     if models is None:
                         p = np.broadcast_to(mean, y.shape)
@@ -223,7 +256,7 @@ def run_spot_baseline(name: str, inputs: SpotsInputs, *, out_metrics: str | Path
     df = pd.DataFrame(runs)
     summary = {m: _summary(df[m].astype(float).tolist()) if m in df else _summary([]) for m in RUN_METRICS}
     metrics = {"setting": name, "kind": "spots", "status": "ok", "role": "baseline",
-               "encoder": None if name == "mean" else encoder, "description": DESCRIPTIONS[name],
+               "encoder": encoder if use_x else None, "description": DESCRIPTIONS[name],
                "seeds": [], "n_folds": len(targets), "runs": runs, "summary": summary, "sd_over": "folds",
                "per_gene_pearson": per_gene, "train_partitions": ["fit", "val"]}
     write_metrics(out_metrics, metrics)

@@ -24,7 +24,7 @@ class PatchOptions:
 class GeometryOptions:
     """Pixel-size check against the spot geometry (``spots.geometry``)."""
 
-    tolerance: float = 0.1          # relative disagreement that triggers a warning
+    tolerance: float = 0.1          # relative disagreement between independent µm/px sources that stops
     fullres_spot_um: float = 65.0   # µm that Space Ranger's spot_diameter_fullres spans
 
 
@@ -35,7 +35,7 @@ class TargetOptions:
     mode: str = "moran"             # moran | hvg | yaml
     n_genes: int = 1000
     genes_file: str | None = None   # YAML list of genes (mode yaml)
-    transform: str = "log1p"        # log1p | normalize_log1p
+    transform: str = "log1p"        # log1p | normalize_log1p (per-spot: for cohorts of mixed sequencing depth)
     target_sum: float = 10000.0
     min_spot_fraction: float = 0.01  # candidate genes are detected in at least this fraction of training spots
     n_eval_genes: int = 50          # HEST: Pearson on the 50 most variable genes
@@ -78,6 +78,7 @@ class BaselineOptions:
     ridge_hest: bool = True         # standardise -> PCA -> ridge, alpha = 100 / (d * n_genes), no intercept
     ridge_cv: bool = True           # the same with the CV-tuned alpha of the `ridge` section
     mean: bool = True               # per-gene training mean
+    depth_only: bool = True         # ridge on log1p(total counts) alone: the sequencing-depth control
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class SpotsConfig:
     encoder: str = "uni2h"
     seeds: tuple[int, ...] = (40, 41, 42, 43, 44, 45, 51, 54)
     reference: str = "seed_head"
+    missing_spots: str = "drop"     # drop | error: counts spots without a position, selected spots without counts
     patches: PatchOptions = field(default_factory=PatchOptions)
     geometry: GeometryOptions = field(default_factory=GeometryOptions)
     targets: TargetOptions = field(default_factory=TargetOptions)

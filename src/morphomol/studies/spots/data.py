@@ -230,7 +230,7 @@ def load_fold(spots: CohortSpots, fold: int, folds: str | Path, targets: str | P
         rows = np.flatnonzero(spots.sample == s)
         units[s] = (ids[rows], np.arange(len(rows), dtype=np.int64))
     s = unit_split(folds, fold, units, file=folds)
-    check_fold(s)
+    check_fold(s, fold=int(fold))
     where = np.array([spots.row.get(str(u), -1) for u in s["tile_id"]])
     if (where < 0).any() or len(where) != len(spots.unit_ids):
         raise InputError("split units differ from the cohort's unit tables", file=folds, field="tile_id",

@@ -1,12 +1,19 @@
 """Spot geometry: the platforms' spot size and pitch, the pitch measured on a sample's spot positions,
-and the µm-per-pixel of the H&E with where it came from and how it agrees with the spots.
+and the µm-per-pixel of the H&E with where it came from and how its sources agree.
 
-µm/px sources, first found wins: the sheet's ``he_mpp``; HEST metadata ``pixel_size_um_estimated``; the
-image file's metadata; Space Ranger's ``spot_diameter_fullres`` (a theoretical ``fullres_spot_um`` =
-65 µm spot, see ``spots.geometry``). Nothing found is an InputError that quotes the pitch-derived value
-to put in the sheet. The chosen value is then checked against the spot pitch measured on the array
-neighbours (Visium: 100 µm centre to centre; legacy ST: 200 µm) and against ``spot_diameter_fullres``;
-a disagreement above ``spots.geometry.tolerance`` is a warning in the sample's QC.
+µm/px sources, in order (the first found is used): the sheet's ``he_mpp``; HEST metadata
+``pixel_size_um_estimated``; the image file's metadata; Space Ranger's ``spot_diameter_fullres`` (a
+theoretical ``fullres_spot_um`` = 65 µm spot, see ``spots.geometry``); the spot pitch measured on the
+array neighbours (Visium: 100 µm centre to centre; legacy ST: 200 µm), used when nothing else states
+a value (QC ``mpp.source`` = ``spot pitch``, with a warning). None at all (fewer than 2 spots) is an
+InputError.
+
+Every pair of available sources is compared: a relative difference above ``spots.geometry.tolerance``
+(default 10 %) is an InputError naming both sources and their values (e.g. ``spot_diameter_fullres``
+13.0 instead of 130 against the pitch), above half of it a warning in the sample's QC. The sheet's
+``he_mpp`` is the user's statement: it overrides the image metadata and the HEST estimate (which
+overrides the image's embedded value): a disagreement of an overridden source is a warning; the
+sheet must agree with the spot geometry (``spot_diameter_fullres``, pitch).
 """
 
 from __future__ import annotations
@@ -61,6 +68,15 @@ def measured_pitch_px(x: np.ndarray, y: np.ndarray, row: np.ndarray | None, col:
     return float(np.median(dist[:, 1])), len(x), "nearest neighbours"
 
 
+SHEET, HEST, IMAGE, DIAMETER, PITCH = "sheet", "hest", "image", "diameter", "pitch"
+#: a source -> the sources it overrides (when present, their disagreements are warnings only): the user's
+#: he_mpp overrides the metadata; HEST's estimate overrides the image's embedded value (not always right)
+OVERRIDES = {SHEET: (HEST, IMAGE), HEST: (IMAGE,)}
+#: the sheet / config field to fix when a source is wrong
+FIELDS = {SHEET: "he_mpp", HEST: "pixel_size_um_estimated", IMAGE: "he_mpp", DIAMETER: "spot_diameter_fullres",
+          PITCH: "he_mpp"}
+
+
 @dataclass
 class MppResolution:
     """µm/px of the image the patches are cut from, where it came from, and the geometry checks."""
@@ -70,41 +86,83 @@ class MppResolution:
     candidates: dict[str, float | None]
     checks: dict[str, dict[str, Any]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    source_key: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"mpp": self.mpp, "source": self.source, "candidates": self.candidates, "checks": self.checks,
-                "warnings": list(self.warnings)}
+        return {"mpp": self.mpp, "source": self.source, "source_key": self.source_key, "candidates": self.candidates,
+                "checks": self.checks, "warnings": list(self.warnings)}
+
+
+def _ok(v: float | None) -> bool:
+    return v is not None and math.isfinite(v) and v > 0
 
 
 def resolve_mpp(*, sheet: float | None, hest: float | None, image: float | None, image_source: str,
                 spot_diameter_px: float | None, fullres_spot_um: float, pitch_px: float | None, pitch_how: str,
-                platform: Platform, tolerance: float, file: Any = None) -> MppResolution:
-    """Pick the µm/px (see the module docstring) and check it against the spot geometry. All pixel
-    values are in the pixels of the image the patches are cut from."""
+                platform: Platform, tolerance: float, file: Any = None,
+                files: dict[str, Any] | None = None) -> MppResolution:
+    """Pick the µm/px and check its sources against each other (see the module docstring). All pixel
+    values are in the pixels of the image the patches are cut from. ``files``: the file of each source
+    (``sheet``, ``hest``, ``image``, ``diameter``, ``pitch``) named by an error; default ``file``."""
+    files = files or {}
     from_diameter = fullres_spot_um / spot_diameter_px if spot_diameter_px else None
     from_pitch = platform.pitch_um / pitch_px if pitch_px else None
-    candidates = {"sheet he_mpp": sheet, "HEST metadata pixel_size_um_estimated": hest,
-                  f"image metadata ({image_source or 'none'})": image,
-                  f"scalefactors spot_diameter_fullres ({fullres_spot_um:g} µm)": from_diameter}
-    chosen = next(((k, v) for k, v in candidates.items() if v is not None and math.isfinite(v) and v > 0), None)
-    if chosen is None:
-        hint = (f"; the spot pitch ({platform.pitch_um:g} µm over {pitch_px:.1f} px, {pitch_how}) suggests "
-                f"{from_pitch:.4g}") if from_pitch else ""
-        raise InputError("no µm per pixel anywhere: no he_mpp in the sheet, none in the image metadata and no "
-                         "scale factors" + hint, file=file, field="he_mpp",
+    names = {SHEET: "sheet he_mpp", HEST: "HEST metadata pixel_size_um_estimated",
+             IMAGE: f"image metadata ({image_source or 'none'})",
+             DIAMETER: f"scalefactors spot_diameter_fullres ({fullres_spot_um:g} µm)",
+             PITCH: f"spot pitch ({platform.pitch_um:g} µm over "
+                    + (f"{pitch_px:.1f} px, {pitch_how})" if pitch_px else "n/a)")}
+    values = {SHEET: sheet, HEST: hest, IMAGE: image, DIAMETER: from_diameter, PITCH: from_pitch}
+    have = {k: float(v) for k, v in values.items() if _ok(v)}
+    candidates = {names[k]: values[k] for k in (SHEET, HEST, IMAGE, DIAMETER)}
+    candidates["spot pitch"] = from_pitch
+    if not have:
+        raise InputError("no µm per pixel anywhere: no he_mpp in the sheet, none in the image metadata, no scale "
+                         "factors and no spot pitch (fewer than 2 spots)", file=file, field="he_mpp",
                          expected="he_mpp in the sample sheet, a resolution in the image, or scalefactors_json.json")
-    source, mpp = chosen
-    res = MppResolution(mpp=float(mpp), source=source, candidates={**candidates, "spot pitch": from_pitch})
-    for name, value, what in (("pitch", from_pitch, f"{platform.pitch_um:g} µm spot pitch ({pitch_how})"),
-                              ("spot_diameter_fullres", from_diameter, "spot_diameter_fullres")):
-        if value is None or name == "spot_diameter_fullres" and source.startswith("scalefactors"):
-            continue
-        rel = abs(mpp - value) / value
-        ok = rel <= tolerance
-        res.checks[name] = {"implied_mpp": value, "relative_difference": rel, "ok": ok}
-        if not ok:
-            msg = (f"µm/px {mpp:.4g} ({source}) disagrees with the {what} by {100 * rel:.0f}% "
-                   f"(implies {value:.4g}; tolerance {100 * tolerance:.0f}%)")
-            res.warnings.append(msg)
-            log.warning("%s: %s", file, msg)
+    key = next(iter(have))
+    res = MppResolution(mpp=have[key], source=names[key], candidates=candidates, source_key=key)
+    if key == PITCH:
+        msg = (f"µm/px {res.mpp:.4g} derived from the {platform.pitch_um:g} µm spot pitch ({pitch_px:.1f} px, "
+               f"{pitch_how}): no he_mpp in the sheet, no image resolution, no scale factors; state he_mpp in the "
+               "sample sheet to silence this")
+        res.warnings.append(msg)
+        log.warning("%s: %s", file, msg)
+    keys = list(have)
+    overridden = {o: k for k in keys for o in OVERRIDES.get(k, ()) if o in have}
+    errors = []
+    for i, a in enumerate(keys):
+        for b in keys[i + 1:]:
+            va, vb = have[a], have[b]
+            rel = max(va, vb) / min(va, vb) - 1
+            ok = rel <= tolerance
+            res.checks[f"{a}~{b}"] = {"sources": [names[a], names[b]], "values": [va, vb], "relative_difference": rel,
+                                      "ok": ok}
+            if b == PITCH and a == key:  # the chosen value against the pitch (QC key kept from earlier versions)
+                res.checks["pitch"] = {"implied_mpp": vb, "relative_difference": abs(va - vb) / vb, "ok": ok}
+            if ok and rel <= tolerance / 2:
+                continue
+            text = (f"{names[a]} {va:.4g} µm/px and {names[b]} {vb:.4g} µm/px disagree by {100 * rel:.0f}% "
+                    f"(tolerance spots.geometry.tolerance {100 * tolerance:.0f}%)")
+            soft = [k for k in (a, b) if k in overridden]
+            if not ok and not soft:
+                errors.append((a, b, text))
+                continue
+            if not ok:
+                text += f"; {names[overridden[soft[0]]]} overrides the {names[soft[0]]}"
+            res.warnings.append(text)
+            log.warning("%s: %s", file, text)
+    if errors:
+        fails = {k: sum(k in (a, b) for a, b, _ in errors) for k in keys}
+        # the source in most disagreements; on a tie a stated value rather than the measured pitch
+        wrong = max(keys, key=lambda k: (fails[k], k != PITCH))
+        text = "; ".join(e[2] for e in errors)
+        more = ""
+        hint = {SHEET: "fix he_mpp in the sample sheet", HEST: "state he_mpp in the sample sheet",
+                IMAGE: "state the right he_mpp in the sample sheet (it overrides the image metadata)",
+                DIAMETER: "fix spot_diameter_fullres in scalefactors_json.json (or the image_scale / he_path pairing)",
+                PITCH: "check the spot positions against the image"}[wrong]
+        raise InputError(f"the µm/px sources contradict each other: {text}{more}", file=files.get(wrong, file),
+                         field=FIELDS[wrong], expected=f"independent µm/px sources agreeing within "
+                                                      f"{100 * tolerance:.0f}%: {hint}")
     return res

@@ -6,7 +6,7 @@ of that fold (reference setting: first seed; baselines: deterministic):
 * ``spots/samples/{sample}.h5ad``: AnnData of the sample's spots x the fold's target genes, in the
   per-sample predictions convention shared with the fusion study (:mod:`morphomol.export.predictions`):
   ``X`` and layer ``measured`` = transformed targets, layers ``pred_{setting}`` (the reference setting)
-  and ``pred_{baseline}``; obs = the unit table's obs + ``fold`` (where it is test), ``partition`` (its
+  and ``pred_{baseline}`` (``pred_depth_only``: the sequencing-depth control); obs = the unit table's obs + ``fold`` (where it is test), ``partition`` (its
   partition there: ``test``) and ``partition_fold{k}`` for every fold; ``obsm['spatial']`` in µm and the
   unit table's ``uns['spatial']``; ``var`` has the per-gene Pearson of this sample and ``eval_gene`` (HEST
   eval genes); ``uns['spots']`` the reference setting, seed, transform, layers.

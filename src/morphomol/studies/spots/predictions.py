@@ -4,13 +4,15 @@
 ``sample_ids``: ``tile_id, gene, y, y_hat`` (tile-major, float32) plus ``sample_id``, one row group per sample,
 so that one sample's rows are read alone (:func:`morphomol.data.runs.read_sample_predictions`). The
 setting's file (every fold's first-seed test predictions) is concatenated row group by row group
-(:func:`concat_predictions`), never loaded whole.
+(:func:`concat_predictions`), never loaded whole. :func:`within_sample_by_fold` scores a run's file one
+sample at a time (the within-sample Pearson of the spots tables).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -73,3 +75,32 @@ def read_gene_predictions(path: str | Path, genes: Sequence[str]) -> pd.DataFram
         raise InputError(f"cannot read predictions ({exc})", file=path, expected="columns tile_id, gene, y, y_hat"
                          ) from None
     return t.to_pandas().astype({"tile_id": str, "gene": str})
+
+
+def within_sample_by_fold(path: str | Path, folds: str | Path, *, min_units: int | None = None) -> dict[str, Any]:
+    """The within-sample Pearson of one run's ``predictions.parquet`` per fold
+    (:class:`morphomol.eval.metrics.WithinSamplePearson`): each sample's rows are read alone (its row group) and
+    scored alone, in the fold where the fold table (``splits/folds.parquet``) puts it in test. Returns
+    ``{"folds": {fold: summary}, "per_gene": {fold: {gene: mean within-sample Pearson}}}``; memory: one sample's
+    rows. Every test sample of the fold table must have predictions (else an InputError naming the file)."""
+    from morphomol.data.folds import held_out_fold
+    from morphomol.data.runs import read_sample_predictions
+    from morphomol.eval.metrics import WITHIN_MIN_UNITS, WithinSamplePearson
+
+    fold_of = held_out_fold(folds)
+    acc: dict[int, WithinSamplePearson] = {}
+    for sample, k in fold_of.items():
+        df = read_sample_predictions(path, sample, columns=COLUMNS)
+        if df.empty:
+            raise InputError(f"no test predictions for sample {sample!r} (test in fold {k})", file=path,
+                             field=SAMPLE, expected="every unit of the cohort predicted once (its test fold)")
+        df = df.astype({"tile_id": str, "gene": str})
+        genes = list(dict.fromkeys(df["gene"].tolist()))
+        y = df.pivot(index="tile_id", columns="gene", values="y").reindex(columns=genes).to_numpy(np.float64)
+        yh = df.pivot(index="tile_id", columns="gene", values="y_hat").reindex(columns=genes).to_numpy(np.float64)
+        del df
+        a = acc.setdefault(int(k), WithinSamplePearson(WITHIN_MIN_UNITS if min_units is None else min_units))
+        a.add(y, yh, genes)
+    return {"folds": {k: a.summary() for k, a in sorted(acc.items())},
+            "per_gene": {k: {str(g): (float(v) if np.isfinite(v) else None)
+                             for g, v in a.per_gene()["pearson"].items()} for k, a in sorted(acc.items())}}

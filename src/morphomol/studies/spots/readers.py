@@ -10,8 +10,13 @@
 * :func:`read_hest` — HEST-1k: ``st/{id}.h5ad`` (``obsm['spatial']`` in full-resolution px; obs
   ``in_tissue``, ``array_row``, ``array_col`` when present) and ``metadata/{id}.json``.
 
-Every inconsistency is one InputError naming the file: duplicate spot ids, matrix barcodes without a
-position, in-tissue positions without counts, malformed rows.
+Spots of the counts without a position and in-tissue (selected) positions without counts — a few per
+section are normal in legacy ST — are dropped by default (``missing_spots="drop"``: counted in
+``SpotData.counts_info`` and the sample's QC, one warning naming the spot table / positions file, the
+file that holds them); ``missing_spots="error"`` (config ``spots.missing_spots``) makes them an InputError.
+When they are more than half of either side, the two files do not belong together: an InputError in
+either mode. Every other inconsistency is one InputError naming the file: duplicate spot ids,
+non-finite or negative counts, malformed rows.
 """
 
 from __future__ import annotations
@@ -79,6 +84,65 @@ def _unique_genes(names: list[str], file: Path) -> list[str]:
     return out
 
 
+MISSING_SPOTS = ("drop", "error")
+
+
+def check_counts(values: Any, file: Path, field_name: str, ids: Any = None, genes: Any = None) -> None:
+    """Counts must be finite and non-negative (a NaN gene would make every spot's total NaN)."""
+    data = values.data if sp.issparse(values) else np.asarray(values)
+    if data.size == 0:
+        return
+    bad = ~np.isfinite(data)
+    if bad.any():
+        raise InputError(f"{int(bad.sum())} non-finite count value(s) (NaN or inf)", file=file, field=field_name,
+                         expected="finite, non-negative raw counts")
+    lo = float(data.min())
+    if lo < 0:
+        raise InputError(f"negative count value(s) (min {lo:g}): scaled or centred data", file=file, field=field_name,
+                         expected="non-negative raw counts")
+
+
+def join_spots(count_ids: list[str], table_ids: Any, selected: np.ndarray, *, missing_spots: str, table_file: Path,
+               counts_file: Path, table_field: str, what: str = "spot table"
+               ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """Join the counts' spot ids to a spot table (positions). Returns ``(rows, where, info)``: the counts
+    rows kept, their row in the table, and ``counts_without_position`` / ``selected_without_counts``.
+    Both kinds are dropped (``missing_spots="drop"``, with a warning naming ``table_file``) or are an
+    InputError (``"error"``); more than half of either side missing is an InputError in both modes."""
+    if missing_spots not in MISSING_SPOTS:
+        raise InputError(f"invalid value {missing_spots!r}", field="spots.missing_spots", expected="drop | error")
+    index = pd.Index(table_ids)
+    where = index.get_indexer(count_ids)
+    no_pos = np.asarray(count_ids, dtype=object)[where < 0]
+    in_counts = np.zeros(len(index), bool)
+    in_counts[where[where >= 0]] = True
+    no_counts = np.asarray(index, dtype=object)[np.asarray(selected, bool) & ~in_counts]
+    n_sel = int(np.asarray(selected, bool).sum())
+    info = {"counts_without_position": int(len(no_pos)), "selected_without_counts": int(len(no_counts))}
+    if len(no_pos) * 2 > len(count_ids) or (n_sel and len(no_counts) * 2 > n_sel):
+        raise InputError(f"{len(no_pos)} of {len(count_ids)} spot(s) of {counts_file.name} have no position and "
+                         f"{len(no_counts)} of {n_sel} selected / in-tissue spot(s) have no counts: the two files do "
+                         "not belong together", file=table_file, field=table_field,
+                         expected=f"the {what} of the same section as {counts_file.name}")
+    if missing_spots == "error":
+        if len(no_pos):
+            raise InputError(f"{len(no_pos)} spot(s) of the counts have no position (e.g. "
+                             f"{', '.join(map(str, no_pos[:3]))})", file=table_file, field=table_field,
+                             expected=f"every spot of {counts_file.name} (or spots.missing_spots: drop)")
+        if len(no_counts):
+            raise InputError(f"{len(no_counts)} selected / in-tissue spot(s) of the {what} are not in the counts "
+                             f"(e.g. {', '.join(map(str, no_counts[:3]))})", file=table_file, field=table_field,
+                             expected=f"counts in {counts_file.name} for every selected spot "
+                                      "(or spots.missing_spots: drop)")
+    if len(no_pos) or len(no_counts):
+        log.warning("%s: dropped %d selected / in-tissue spot(s) without counts in %s (e.g. %s) and %d spot(s) of "
+                    "the counts without a position (e.g. %s) [spots.missing_spots: drop]", table_file, len(no_counts),
+                    counts_file.name, ", ".join(map(str, no_counts[:3])) or "-", len(no_pos),
+                    ", ".join(map(str, no_pos[:3])) or "-")
+    rows = np.flatnonzero(where >= 0)
+    return rows, where[rows], info
+
+
 def _check_duplicates(ids: np.ndarray, file: Path, field_name: str) -> None:
     s = pd.Series(ids)
     dup = s[s.duplicated()]
@@ -125,6 +189,7 @@ def read_10x_h5(path: str | Path) -> tuple[np.ndarray, list[str], sp.csr_matrix,
     if shape != (len(names), len(barcodes)) or len(indptr) != len(barcodes) + 1:
         raise InputError(f"matrix shape {shape} does not match {len(names)} features x {len(barcodes)} barcodes",
                          file=p, field="matrix/shape")
+    check_counts(data, p, "matrix/data")
     m = sp.csc_matrix((data, indices, indptr), shape=shape).T.tocsr().astype(np.float32)
     keep = np.array([t == "Gene Expression" for t in ftype])
     if not keep.any():
@@ -163,24 +228,19 @@ def read_tissue_positions(path: str | Path) -> pd.DataFrame:
     return df
 
 
-def read_spaceranger(matrix: str | Path, positions: str | Path, scalefactors: str | Path | None) -> SpotData:
+def read_spaceranger(matrix: str | Path, positions: str | Path, scalefactors: str | Path | None, *,
+                     missing_spots: str = "drop") -> SpotData:
     """A Space Ranger sample: every spot of the positions file that is in the matrix (out-of-tissue spots
     of a raw matrix included, flagged). Matrix barcodes without a position and in-tissue positions
-    without counts are InputErrors."""
+    without counts are dropped or an InputError (``missing_spots``, see the module docstring)."""
     barcodes, genes, counts, info = read_10x_h5(matrix)
     pos = read_tissue_positions(positions)
-    idx = pd.Index(pos["barcode"])
-    where = idx.get_indexer(barcodes)
-    if (where < 0).any():
-        miss = barcodes[where < 0]
-        raise InputError(f"{len(miss)} matrix barcode(s) have no position (e.g. {', '.join(map(str, miss[:3]))})",
-                         file=positions, field="barcode", expected="every barcode of " + Path(matrix).name)
+    rows, where, dropped = join_spots(list(barcodes), pos["barcode"].to_numpy(), pos["in_tissue"].to_numpy() == 1,
+                                      missing_spots=missing_spots, table_file=Path(positions), counts_file=Path(matrix),
+                                      table_field="barcode", what="positions")
+    if len(rows) < len(barcodes):
+        barcodes, counts = barcodes[rows], counts[rows]
     in_tissue_pos = pos.loc[pos["in_tissue"] == 1, "barcode"].to_numpy()
-    missing = np.setdiff1d(in_tissue_pos, barcodes)
-    if len(missing):
-        raise InputError(f"{len(missing)} in-tissue spot(s) of the positions are not in the matrix "
-                         f"(e.g. {', '.join(map(str, missing[:3]))})", file=matrix, field="barcodes",
-                         expected="the matrix of the same Space Ranger run (filtered or raw)")
     sel = pos.iloc[where]
     sf: dict[str, float] = {}
     if scalefactors is not None and Path(scalefactors).is_file():
@@ -196,7 +256,8 @@ def read_spaceranger(matrix: str | Path, positions: str | Path, scalefactors: st
         in_tissue=sel["in_tissue"].to_numpy() == 1, array_row=sel["array_row"].to_numpy(np.int64),
         array_col=sel["array_col"].to_numpy(np.int64), spot_diameter_px=sf.get("spot_diameter_fullres"),
         scalefactors=sf, counts_info={"positions": len(pos), "positions_in_tissue": len(in_tissue_pos),
-                                      "matrix_barcodes": len(barcodes)},
+                                      "matrix_barcodes": len(barcodes) + dropped["counts_without_position"],
+                                      **dropped},
         meta={"gene_ids": info["gene_ids"], "features": info["features"]})
 
 
@@ -213,8 +274,61 @@ def _read_table(path: Path) -> pd.DataFrame:
                          expected="a TSV/CSV table, optionally gzipped") from None
 
 
-def read_st(counts: str | Path, spots: str | Path) -> SpotData:
-    """A legacy ST sample: counts (spots x genes, ids ``{x}x{y}``) joined to the spot detector table."""
+def read_st_ids(path: str | Path) -> list[str]:
+    """The spot ids of a legacy ST counts table without parsing its values (pre-flight checks): the first
+    field of every line, or the header when the table is genes x spots."""
+    p = Path(path)
+    name = p.name.lower().removesuffix(".gz")
+    sep = "," if name.endswith(".csv") else "\t"
+    opener = gzip.open if p.name.lower().endswith(".gz") else open
+    try:
+        with opener(p, "rt") as fh:
+            header = fh.readline().rstrip("\r\n").split(sep)
+            first = [ln.split(sep, 1)[0].strip('"') for ln in fh]
+    except (OSError, UnicodeDecodeError, EOFError) as exc:
+        raise InputError(f"cannot read table ({type(exc).__name__}: {exc})", file=p,
+                         expected="a TSV/CSV table, optionally gzipped") from None
+    first = [f for f in first if f]
+    cols = [h.strip('"') for h in header[1:]]
+    if not all(ST_ID.match(i) for i in first) and cols and all(ST_ID.match(c) for c in cols):
+        return cols
+    return first
+
+
+def st_key(a: float, b: float) -> str:
+    return f"{int(round(a))}x{int(round(b))}"
+
+
+def read_st_table(spots: str | Path) -> pd.DataFrame:
+    """The ST Spot Detector table indexed by ``{x}x{y}``: columns ``px``, ``py``, ``sel``."""
+    spath = Path(spots)
+    try:
+        st = pd.read_csv(spath, sep=None, engine="python")
+    except Exception as exc:
+        raise InputError(f"cannot parse table ({type(exc).__name__}: {exc})", file=spath,
+                         expected="ST Spot Detector columns x, y, pixel_x, pixel_y [, selected]") from None
+    st.columns = [str(c).strip() for c in st.columns]
+    need = ("x", "y", "pixel_x", "pixel_y")
+    miss = [c for c in need if c not in st.columns]
+    if miss:
+        raise InputError(f"missing column(s) {miss}", file=spath, field=miss[0],
+                         expected="ST Spot Detector columns x, y, pixel_x, pixel_y [, selected]")
+    for c in need + (("selected",) if "selected" in st.columns else ()):
+        v = pd.to_numeric(st[c], errors="coerce")
+        if not np.isfinite(v.to_numpy(np.float64)).all():
+            line = int(np.flatnonzero(~np.isfinite(v.to_numpy(np.float64)))[0]) + 2
+            raise InputError(f"line {line}: {c} {st[c].iloc[line - 2]!r} is not a number", file=spath, field=c)
+        st[c] = v
+    key = [st_key(a, b) for a, b in zip(st["x"], st["y"])]
+    _check_duplicates(np.array(key, dtype=object), spath, "x, y")
+    return pd.DataFrame({"px": st["pixel_x"].astype(float).to_numpy(), "py": st["pixel_y"].astype(float).to_numpy(),
+                         "sel": (st["selected"].astype(int).to_numpy() == 1) if "selected" in st.columns
+                         else np.ones(len(st), bool)}, index=key)
+
+
+def read_st(counts: str | Path, spots: str | Path, *, missing_spots: str = "drop") -> SpotData:
+    """A legacy ST sample: counts (spots x genes, ids ``{x}x{y}``) joined to the spot detector table.
+    Spots of one without the other are dropped or an InputError (``missing_spots``, module docstring)."""
     cpath, spath = Path(counts), Path(spots)
     for p, what in ((cpath, "counts table"), (spath, "spot table")):
         if not p.is_file():
@@ -234,40 +348,22 @@ def read_st(counts: str | Path, spots: str | Path) -> SpotData:
         r, c = np.argwhere(values.isna().to_numpy())[0]
         raise InputError(f"spot {ids[r]}, gene {df.columns[c]}: {df.iat[r, c]!r} is not a count", file=cpath,
                          field=str(df.columns[c]))
+    matrix = values.to_numpy(np.float64)
+    check_counts(matrix, cpath, "counts")
     xy = np.array([[float(v) for v in ST_ID.match(i).groups()] for i in ids])  # type: ignore[union-attr]
-    st = pd.read_csv(spath, sep=None, engine="python")
-    st.columns = [str(c).strip() for c in st.columns]
-    need = ("x", "y", "pixel_x", "pixel_y")
-    miss = [c for c in need if c not in st.columns]
-    if miss:
-        raise InputError(f"missing column(s) {miss}", file=spath, field=miss[0],
-                         expected="ST Spot Detector columns x, y, pixel_x, pixel_y [, selected]")
-    key = [f"{int(round(a))}x{int(round(b))}" for a, b in zip(st["x"], st["y"])]
-    _check_duplicates(np.array(key, dtype=object), spath, "x, y")
-    table = pd.DataFrame({"px": st["pixel_x"].astype(float).to_numpy(), "py": st["pixel_y"].astype(float).to_numpy(),
-                          "sel": (st["selected"].astype(int).to_numpy() == 1) if "selected" in st.columns
-                          else np.ones(len(st), bool)}, index=key)
-    count_key = [f"{int(round(a))}x{int(round(b))}" for a, b in xy]
-    where = table.index.get_indexer(count_key)
-    if (where < 0).any():
-        miss_ids = np.array(ids)[where < 0]
-        raise InputError(f"{len(miss_ids)} spot(s) of the counts have no position (e.g. {', '.join(miss_ids[:3])})",
-                         file=spath, field="x, y", expected="every spot of " + cpath.name)
-    selected = table.index[table["sel"].to_numpy()]
-    missing = sorted(set(selected) - set(count_key))
-    if missing:
-        raise InputError(f"{len(missing)} selected spot(s) of the spot table are not in the counts "
-                         f"(e.g. {', '.join(missing[:3])})", file=cpath, field="spot id",
-                         expected="counts of every selected spot")
+    table = read_st_table(spath)
+    count_key = [st_key(a, b) for a, b in xy]
+    rows, where, dropped = join_spots(count_key, table.index, table["sel"].to_numpy(), missing_spots=missing_spots,
+                                      table_file=spath, counts_file=cpath, table_field="x, y")
     t = table.iloc[where]
     genes = _unique_genes([str(g) for g in df.columns], cpath)
     return SpotData(
-        fmt="st", platform="st", barcodes=np.array(list(ids), dtype=object),
-        counts=sp.csr_matrix(values.to_numpy(np.float32)), genes=genes, x_px=t["px"].to_numpy(np.float64),
+        fmt="st", platform="st", barcodes=np.array(list(ids), dtype=object)[rows],
+        counts=sp.csr_matrix(matrix[rows].astype(np.float32)), genes=genes, x_px=t["px"].to_numpy(np.float64),
         y_px=t["py"].to_numpy(np.float64), in_tissue=t["sel"].to_numpy(bool),
-        array_row=np.round(xy[:, 1]).astype(np.int64), array_col=np.round(xy[:, 0]).astype(np.int64),
+        array_row=np.round(xy[rows, 1]).astype(np.int64), array_col=np.round(xy[rows, 0]).astype(np.int64),
         counts_info={"positions": len(table), "positions_in_tissue": int(table["sel"].sum()),
-                     "matrix_barcodes": len(ids)})
+                     "matrix_barcodes": len(ids), **dropped})
 
 
 # ------------------------------------------------------------------------------ HEST-1k
@@ -306,6 +402,7 @@ def read_hest(adata: str | Path, metadata: str | Path) -> SpotData:
     row = obs["array_row"].to_numpy(np.int64) if "array_row" in obs.columns else None
     col = obs["array_col"].to_numpy(np.int64) if "array_col" in obs.columns else None
     X = a.X if sp.issparse(a.X) else sp.csr_matrix(np.asarray(a.X))
+    check_counts(X, apath, "X")
     mpp = meta.get("pixel_size_um_estimated")
     mpp = float(mpp) if isinstance(mpp, (int, float)) and mpp > 0 else None
     return SpotData(

@@ -19,7 +19,7 @@ from morphomol.errors import InputError
 SCHEMA = "settings.spots.schema.yaml"
 ROLES = ("reference", "ablation", "alignment", "control")
 #: run names of the baselines (not settings: spots.baselines switches them)
-BASELINES = ("ridge_hest", "ridge_cv", "mean")
+BASELINES = ("ridge_hest", "ridge_cv", "mean", "depth_only")
 
 
 @dataclass(frozen=True)

@@ -4,12 +4,19 @@ Everything checkable from the config, the sheets and the small files of each sam
 
 * the settings file (schema, encoders), ``spots.reference`` names a setting, ``spots.encoder`` is an
   image encoder of the registry;
-* ``splits.n_folds`` <= patients (folds are patient-grouped, asserted in code);
+* the fold plan (:func:`morphomol.splits.plan_folds`): ``splits.n_folds`` <= patients, ``splits.validation``
+  possible in every fold (the shared policy; asserted in code on every fold);
 * targets: ``n_eval_genes`` <= ``n_genes``; mode yaml: the genes file is a list of unique names;
 * captions: ``source: csv`` needs a ``captions`` column on some sample; ``source: vlm`` a complete
   local image-text-to-text directory; any source a complete sentence-transformers directory;
 * each sheet row: only the columns its ``format`` reads; the files of its layout exist (not for
-  simulated cohorts, whose inputs a rule writes).
+  simulated cohorts, whose inputs a rule writes);
+* each real sample, from its small files (:func:`morphomol.studies.spots.units.preflight_sample`): the
+  spot table against the counts' spot ids (``spots.missing_spots``), ``image_scale`` against the image
+  size, the µm/px sources against each other.
+
+The row and sample problems of every sample are collected and raised as one InputError listing each
+sample (one sample: its own error, unchanged).
 """
 
 from __future__ import annotations
@@ -19,7 +26,11 @@ from typing import Any
 
 from morphomol.config.kinds import CohortKind, register_kind
 from morphomol.errors import InputError
+from morphomol.splits import check_fold_plan
 from morphomol.studies import StudySpec, register_study
+from morphomol.util.logs import get_logger
+
+log = get_logger("spots.study")
 
 VISIUM = register_kind(CohortKind(
     name="visium",
@@ -50,28 +61,54 @@ def read_gene_list(path: str | Path) -> list[str]:
     return genes
 
 
-def check_rows(cohort: Any, *, workdir: Path) -> None:
-    """Per sheet row: only its format's columns; its layout's files exist (real cohorts)."""
-    from morphomol.studies.spots.layout import FORMAT_COLUMNS, FORMAT_SPECIFIC, sample_input_files
+def raise_collected(errors: list[tuple[str, InputError]], cohort: Any) -> None:
+    """One InputError for the problems of every sample (a single one: raised as it is)."""
+    if not errors:
+        return
+    if len(errors) == 1:
+        raise errors[0][1]
+    lines = "\n".join(f"  sample {sid}: {e.message}" for sid, e in errors)
+    raise InputError(f"{len(errors)} samples of cohort '{cohort.name}' cannot run (each is listed, with its file, "
+                     f"field and what was expected):\n{lines}", file=cohort.sheet_path)
 
+
+def check_rows(cohort: Any, *, workdir: Path, preflight: bool = True) -> None:
+    """Per sheet row: only its format's columns; its layout's files exist (real cohorts); then, for real
+    cohorts, the pre-flight of each sample (module docstring). Every sample's problem in one InputError."""
+    from morphomol.studies.spots.layout import FORMAT_COLUMNS, FORMAT_SPECIFIC, sample_input_files
+    from morphomol.studies.spots.units import preflight_sample
+
+    errors: list[tuple[str, InputError]] = []
     for sid in cohort.sample_ids:
         row = cohort.sample(sid)
         fmt = row["format"]
-        extra = [c for c in FORMAT_SPECIFIC if row.get(c) is not None and c not in FORMAT_COLUMNS[fmt]]
-        if extra:
-            raise InputError(f"sample {sid}: column {extra[0]} is not read by format {fmt}", file=cohort.sheet_path,
-                             field=extra[0], expected=f"columns of format {fmt}: " + ", ".join(FORMAT_COLUMNS[fmt]))
-        if cohort.simulate is not None:
-            continue
-        for name, f in sample_input_files(row).items():
-            p = workdir / f
-            if not p.is_file():
-                raise InputError(f"sample {sid}: {name} file not found: {f}", file=cohort.sheet_path,
-                                 field={"he": "he_path"}.get(name, name),
-                                 expected=f"the {fmt} layout (see workflow/schemas/samples.visium.schema.yaml)")
+        try:
+            extra = [c for c in FORMAT_SPECIFIC if row.get(c) is not None and c not in FORMAT_COLUMNS[fmt]]
+            if extra:
+                raise InputError(f"sample {sid}: column {extra[0]} is not read by format {fmt}",
+                                 file=cohort.sheet_path, field=extra[0],
+                                 expected=f"columns of format {fmt}: " + ", ".join(FORMAT_COLUMNS[fmt]))
+            if cohort.simulate is not None or not preflight:
+                continue
+            files = {}
+            for name, f in sample_input_files(row).items():
+                p = workdir / f
+                if not p.is_file():
+                    raise InputError(f"sample {sid}: {name} file not found: {f}", file=cohort.sheet_path,
+                                     field={"he": "he_path"}.get(name, name),
+                                     expected=f"the {fmt} layout (see workflow/schemas/samples.visium.schema.yaml)")
+                files[name] = str(p)
+            try:
+                preflight_sample(fmt=fmt, files=files, he_mpp=row.get("he_mpp"), image_scale=row.get("image_scale"),
+                                 cfg=cohort.cfg.spots, sheet=cohort.sheet_path)
+            except (OSError, ValueError, KeyError, IndexError) as exc:  # the units job's full reader names it
+                log.debug("sample %s: pre-flight skipped (%s: %s)", sid, type(exc).__name__, exc)
+        except InputError as exc:
+            errors.append((sid, exc))
+    raise_collected(errors, cohort)
 
 
-def check(cohort: Any, *, workdir: Path, config_file: Path) -> None:
+def check(cohort: Any, *, workdir: Path, config_file: Path, preflight: bool = True) -> None:
     """Everything checkable before any job runs (see the module docstring)."""
     from morphomol.encoders.registry import list_encoders
     from morphomol.studies.spots.layout import check_sentence_model_dir, check_vlm_dir, resolve_model_dir
@@ -94,11 +131,7 @@ def check(cohort: Any, *, workdir: Path, config_file: Path) -> None:
     if sp.encoder not in image:
         raise InputError(f"invalid value {sp.encoder!r}", file=src, field="spots.encoder",
                          expected="an image encoder of the registry (" + ", ".join(image) + ")")
-    n_pat = cohort.samples["patient_id"].nunique()
-    if cfg.splits.n_folds > n_pat:
-        raise InputError(f"splits.n_folds is {cfg.splits.n_folds} but cohort '{cohort.name}' has {n_pat} patient(s)",
-                         file=cohort.source_of("splits") or config_file, field="splits.n_folds",
-                         expected=f"at most {n_pat} folds (folds are grouped by patient)")
+    check_fold_plan(cohort, file=cohort.source_of("splits") or config_file)
     t = sp.targets
     if t.n_eval_genes > t.n_genes:
         raise InputError(f"n_eval_genes {t.n_eval_genes} > n_genes {t.n_genes}", file=src,
@@ -122,7 +155,7 @@ def check(cohort: Any, *, workdir: Path, config_file: Path) -> None:
     if c.source == "csv" and cohort.samples["captions"].replace("", None).isna().all():
         raise InputError("spots.captions.source is csv but no sample has a captions file", file=cohort.sheet_path,
                          field="captions", expected="a captions CSV (barcode, caption) per sample")
-    check_rows(cohort, workdir=workdir)
+    check_rows(cohort, workdir=workdir, preflight=preflight)
 
 
 STUDY = register_study(StudySpec(

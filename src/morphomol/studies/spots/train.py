@@ -146,7 +146,9 @@ def train_one(setting: SpotSetting, data: FoldSources, seed: int, run_dir: Path,
                                                     "val_pearson_eval": float(np.nanmean(pg["pearson"].to_numpy()[eval_idx]))}
 
         drop_last = setting.head.batch_norm and len(src["fit"]) > tcfg.batch_size
-        res = fit(model, src["fit"], fields, tcfg, runtime, run_dir, loss_fn=spots_loss, validate=validate,
+        has_val = len(src["val"]) > 0  # none: the fold's splits.validation policy is none (fixed epochs)
+        res = fit(model, src["fit"], fields, tcfg, runtime, run_dir, loss_fn=spots_loss,
+                  validate=validate if has_val else None,
                   fingerprint=fp, drop_last=drop_last)
         test_fields = ["features", "target"] + (["text", "has_text"] if align is not None else [])
         uids, y, yh, te = _predict_test(model, src["test"], test_fields, tcfg.batch_size, dev)
@@ -163,7 +165,7 @@ def train_one(setting: SpotSetting, data: FoldSources, seed: int, run_dir: Path,
     report = regression_report(y, yh, fold.genes)
     ev = regression_report(y[:, eval_idx], yh[:, eval_idx], fold.eval_genes)
     hist = res.history
-    vp = [h.get("val_pearson") for h in hist]
+    vp = [h.get("val_pearson") for h in hist] if has_val else []
     vp_f = [v if v is not None and np.isfinite(v) else -np.inf for v in vp]
     metrics = {
         "setting": setting.name, "fold": fold.fold, "seed": int(seed), "kind": "regression", "status": "ok",
@@ -173,7 +175,8 @@ def train_one(setting: SpotSetting, data: FoldSources, seed: int, run_dir: Path,
         "test_spearman": report["mean"]["spearman"], "test_mse": report["mean"]["mse"],
         "val_pearson_final": vp[-1] if vp else None, "val_pearson_best": max(vp_f) if vp else None,
         "val_best_epoch": int(np.argmax(vp_f)) + 1 if vp else None, "best_epoch": res.best_epoch + 1,
-        "epochs_run": res.epochs_run, "val_mse": res.best_val, "history": hist, "train_seconds": res.train_seconds,
+        "epochs_run": res.epochs_run, "val_mse": res.best_val, "validation": "val partition" if has_val else "none",
+        "selection": res.selection, "history": hist, "train_seconds": res.train_seconds,
         "spots_per_second": res.tiles_per_second, "align_cos": cos, "align_cos_shuffled": cos_shuf,
         "align_weight": align.weight if align else None, "params": model.param_counts(), "device": str(dev),
         "resumed": res.resumed, "fingerprint": fp,
