@@ -151,6 +151,13 @@ def _fit_run(tmp_path, **training):
 
     def probe(step: int) -> None:  # resume.pt on disk while the 2nd epoch runs?
         if step == 4:
+            # resume.pt is written by a background thread after epoch 1 (k=1): give a loaded machine time to
+            # finish it; with k=2 no write is started, so its absence does not depend on waiting
+            import time
+
+            deadline = time.monotonic() + (60 if not training else 0)
+            while not (tmp_path / RESUME_NAME).exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
             seen.append((tmp_path / RESUME_NAME).exists())
 
     m = train_setting(SETTINGS["expr_mlp_token"], data, tmp_path, train_cfg=cfg(epochs=4, **training), model_cfg=TINY,
