@@ -88,13 +88,15 @@ def test_spatialdata_export_reads_back(fs, tmp_path):
 
     out = export_spatialdata(fs, tmp_path / "S01.zarr")
     s = sd.read_zarr(str(out))
-    assert set(s.images) == {"he"} and set(s.shapes) == {"units"} and set(s.points) == {"transcripts"}
+    # two registration regions: one image element per region, each with its own affine (issue 25)
+    assert set(s.images) == {"he_r0", "he_r1"} and set(s.shapes) == {"units"} and set(s.points) == {"transcripts"}
     assert set(s.tables) == {"table", "predictions"}
     reg = Registration.load(fs.registration)
     t = s.tables["table"]
-    main = int(np.bincount(t.obs["region"].to_numpy()).argmax())
-    m = get_transformation(s.images["he"], "global").to_affine_matrix(("x", "y"), ("x", "y"))
-    np.testing.assert_allclose(m, reg.regions[main].matrix, atol=1e-9)
+    for r in reg.regions:
+        m = get_transformation(s.images[f"he_{r.name}"], "global").to_affine_matrix(("x", "y"), ("x", "y"))
+        px = get_transformation(s.images[f"he_{r.name}"], "he_px").to_affine_matrix(("x", "y"), ("x", "y"))
+        np.testing.assert_allclose(m, np.asarray(r.matrix) @ px, atol=1e-9)
     assert set(t.uns["morphomol_export"]["region_affines"]) == {"r0", "r1"}
     # the table is the unit table, annotating the shapes one to one
     import anndata as ad
@@ -116,10 +118,17 @@ def test_spatialdata_export_reads_back(fs, tmp_path):
     # the image is the H&E: level 0 equals the slide
     from morphomol.io.he import open_slide
 
-    img = s.images["he"]["scale0"]["image"]
+    el = s.images["he_r0"]
+    import xarray as xr
+
+    img = el if isinstance(el, xr.DataArray) else el["scale0"]["image"]  # a small crop is not multiscale
+    px = get_transformation(el, "he_px").to_affine_matrix(("x", "y"), ("x", "y"))
+    x0, y0 = int(px[0, 2]), int(px[1, 2])
+    r0 = t.obs[t.obs["region"] == 0].iloc[0]  # a tile of region r0: the element's pixels there are the slide's
+    x, y = int(r0["x_px"]), int(r0["y_px"])
     with open_slide(fs.he_path) as slide:
-        np.testing.assert_array_equal(np.asarray(img[:, 100:140, 200:260]).transpose(1, 2, 0),
-                                      slide.read_region((200, 100), 0, (60, 40)))
+        np.testing.assert_array_equal(np.asarray(img[:3, y - y0:y - y0 + 40, x - x0:x - x0 + 60]).transpose(1, 2, 0),
+                                      slide.read_region((x, y), 0, (60, 40)))
 
 
 def test_qupath_geojson(fs, tmp_path):

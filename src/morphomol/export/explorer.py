@@ -5,8 +5,10 @@ Xenium Explorer overlays a post-Xenium H&E when given ``<name>_he_imagealignment
 (``matrix``: H&E px -> µm) it is ``diag(1/pixel_size, 1/pixel_size, 1) @ matrix``, with the bundle's
 ``pixel_size`` (µm per morphology pixel, ``experiment.xenium``). A registration with several regions has
 several affines and Explorer takes one: the region holding most units is written (exact for
-single-region samples) and the others are reported. The same file is what ``alignment`` of a sample
-sheet reads (matrix mode), so an export re-imports to the same registration.
+single-region samples) and the others are reported (in the export's notes). A sample without a
+registration (no H&E, or a Visium / slides cohort) is :class:`~morphomol.export.sample.NotExportable`.
+The same file is what ``alignment`` of a sample sheet reads (matrix mode), so an export re-imports to
+the same registration.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from morphomol.errors import InputError
-from morphomol.export.sample import FinishedSample
+from morphomol.export.sample import FinishedSample, NotExportable
 from morphomol.util.logs import get_logger
 
 log = get_logger("export.explorer")
@@ -34,7 +36,7 @@ def explorer_alignment(reg: Any, region: int = 0, pixel_size: float | None = Non
     return np.diag([1.0 / float(ps), 1.0 / float(ps), 1.0]) @ np.asarray(reg.regions[region].matrix, float)
 
 
-def export_explorer(fs: FinishedSample, out: str | Path) -> dict[str, Any]:
+def export_explorer(fs: FinishedSample, out: str | Path, *, notes: list[str] | None = None) -> dict[str, Any]:
     """Write ``out`` (a ``*_he_imagealignment.csv``; a directory gets ``{sample}_he_imagealignment.csv``);
     returns a summary (file, region used, regions left out)."""
     from morphomol.export.spatialdata import dominant_region
@@ -42,8 +44,9 @@ def export_explorer(fs: FinishedSample, out: str | Path) -> dict[str, Any]:
     from morphomol.registration import Registration
 
     if fs.registration is None:
-        raise InputError(f"sample {fs.sample} (cohort kind {fs.kind}) has no registration", field="registration",
-                         expected="a sample registered to a Xenium bundle (xenium cohorts, cells with an H&E)")
+        raise NotExportable(f"sample {fs.sample} (cohort kind {fs.kind}) has no registration to a Xenium bundle",
+                            field="registration",
+                            expected="a sample registered to a Xenium bundle (xenium cohorts, cells with an H&E)")
     if not Path(fs.registration).is_file():
         raise InputError(f"sample {fs.sample} of cohort {fs.cohort} has not run: its registration is missing (make it "
                          f"with `snakemake {fs.registration}`)", file=fs.registration,
@@ -57,6 +60,9 @@ def export_explorer(fs: FinishedSample, out: str | Path) -> dict[str, Any]:
         out = out / f"{fs.sample}{SUFFIX}"
     write_alignment(out, m)
     others = [r.name for i, r in enumerate(reg.regions) if i != main]
+    if others and notes is not None:
+        notes.append(f"Xenium Explorer takes one affine: region {reg.regions[main].name} written, "
+                     f"{', '.join(others)} left out")
     if others:
         log.warning("%s: %d registration regions; Xenium Explorer takes one affine: region %s written, %s left out",
                     fs.sample, len(reg.regions), reg.regions[main].name, ", ".join(others))

@@ -19,6 +19,24 @@ import numpy as np
 from morphomol.errors import InputError
 
 
+class NotExportable(InputError):
+    """This sample cannot be exported in the format asked for (no H&E image, no registration, no spatial
+    coordinates, no features store): ``morphomol export`` skips it, names it with this reason and exports
+    the other samples. Called directly, it is the one InputError of the sample."""
+
+
+def has_coordinates(units: Any) -> bool:
+    """Whether the unit table places its units in space (an AnnData-only sample of a cells cohort does not:
+    ``uns['morphomol']['spatial']`` says ``none`` and ``obsm['spatial']`` is zeros)."""
+    meta = dict(units.uns.get("morphomol", {}))
+    if str(meta.get("spatial", "")).startswith("none"):
+        return False
+    if "spatial" not in units.obsm:
+        return False
+    xy = np.asarray(units.obsm["spatial"], float)
+    return bool(len(xy)) and bool(np.isfinite(xy).all()) and bool(np.any(xy != 0))
+
+
 def workflow_paths(root: str | Path = "results", workflow_dir: str | Path | None = None) -> Any:
     """``WorkflowPaths(root)`` of the workflow's ``workflow/paths.py`` (``workflow_dir``, the working
     directory, or the source tree this package is installed from)."""
@@ -69,8 +87,12 @@ class FinishedSample:
         meta = dict((units if units is not None else self.read_units()).uns.get("morphomol", {}))
         mpp = meta.get("mpp") or meta.get("he_mpp") or self.he_mpp
         if not mpp:
-            raise InputError(f"sample {self.sample}: no registration and no µm/px in the unit table", file=self.units,
-                             field="uns/morphomol/mpp", expected="a unit table written by the pipeline")
+            if self.he_path is None:
+                raise NotExportable(f"sample {self.sample} has no H&E image (cohort kind {self.kind}; an AnnData-only "
+                                    "sample): nothing places its units in H&E pixels", file=self.units)
+            raise NotExportable(f"sample {self.sample}: no registration and no µm/px of its H&E (he_mpp)",
+                                file=self.units, field="uns/morphomol/mpp",
+                                expected="a registration.json, or he_mpp in the sample sheet")
         return scale_registration(float(mpp), self.sample)
 
 
@@ -169,4 +191,5 @@ def unit_diameter_um(units: Any) -> float:
     return 55.0 if str(units.uns.get("morphomol", {}).get("unit")) == "spot" else 10.0
 
 
-__all__ = ["FinishedSample", "centres_px", "finished_sample", "unit_diameter_um", "unit_outlines_px", "workflow_paths"]
+__all__ = ["FinishedSample", "NotExportable", "centres_px", "finished_sample", "has_coordinates", "unit_diameter_um",
+           "unit_outlines_px", "workflow_paths"]

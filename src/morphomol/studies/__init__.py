@@ -29,6 +29,37 @@ class StudySpec:
     check: Callable[..., None] = lambda cohort, **_: None
     #: settings schema (file name in workflow/schemas), None when the study has no settings file
     settings_schema: str | None = None
+    #: ``summary(cohort, workdir=...) -> StudySummary``: what the study will train on the cohort (for
+    #: ``morphomol check-config``), with a warning for each part that trains nothing (a missing weight)
+    summary: Callable[..., StudySummary] | None = None
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    """What a study will train on a cohort: one summary fragment (``spots: 3/10 settings runnable``) and a
+    warning for each silent no-op (e.g. no head trained because ``encoders.uni2h.weights`` is not set)."""
+
+    line: str
+    warnings: tuple[str, ...] = ()
+
+
+#: the logger of the no-op warnings: logged by the studies' checks (the Snakemake process at the start of a
+#: run, ``snakemake -n``); ``morphomol check-config`` silences it and prints them in its summary instead
+NOOP_LOGGER = "morphomol.noop"
+
+
+def log_noop(summary: StudySummary) -> None:
+    """Log each warning of ``summary`` (a study's check calls it when its pre-flight runs); where no logging is
+    set up (the Snakemake process building the DAG) each is written to stderr as ``WARNING: ...``."""
+    import logging
+    import sys
+
+    logger = logging.getLogger(NOOP_LOGGER)
+    for w in summary.warnings:
+        if logger.hasHandlers() or logger.disabled:
+            logger.warning("%s", w)
+        else:
+            print(f"WARNING: {w}", file=sys.stderr)
 
 
 _STUDIES: dict[str, StudySpec] = {}
@@ -70,4 +101,5 @@ def studies_for_kind(kind: str) -> list[str]:
     return [s.name for s in list_studies() if kind in s.cohort_kinds]
 
 
-__all__ = ["StudySpec", "get_study", "list_studies", "register_study", "studies_for_kind", "Any"]
+__all__ = ["NOOP_LOGGER", "StudySpec", "StudySummary", "get_study", "list_studies", "log_noop", "register_study",
+           "studies_for_kind", "Any"]

@@ -15,8 +15,9 @@ The folder is scanned (``max_depth`` levels) for
 
 ``patient_id`` comes from ``--patient-regex`` (its first group, searched in the run name, region name
 and path of each sample) or a ``--patients`` TSV (``sample_id``, ``patient_id``); otherwise it is left
-empty. Whatever could not be inferred is left empty and listed in ``# TODO`` lines at the top of the
-sheet and the YAML, so ``morphomol check-config`` stops on it until it is filled in. Paths are written
+empty. Whatever could not be inferred is left empty and listed once, in ``# TODO`` lines at the top of
+the sheet (the YAML's header points to them; ``morphomol init`` prints them once, after its log lines), so
+``morphomol check-config`` stops on it until it is filled in. Paths are written
 relative to ``relative_to`` (the working directory of the pipeline). Nothing is overwritten without
 ``overwrite``.
 """
@@ -315,9 +316,12 @@ def init_cohort(root: str | Path, *, name: str, out_dir: str | Path = "config/co
             rows = [visium_row(o, base=base, regex=regex, patients=table) for o in inputs]
         sheet = out / cname / "samples.tsv"
         _write(sheet, _sheet(rows, XENIUM_COLUMNS if kind == "xenium" else VISIUM_COLUMNS), overwrite)
-        todo = [f"# TODO {r.values['sample_id']}: {t}" for r in rows for t in r.todo]
+        todo = [f"{r.values['sample_id']}: {t}" for r in sorted(rows, key=lambda r: r.values["sample_id"])
+                for t in r.todo]  # the sheet's order
         yaml = [f"# Cohort written by `morphomol init {root}`: edit it, add `{cname}: {_rel(out / (cname + '.yaml'), base)}`",
-                "# under `cohorts:` in config/config.yaml, then run `morphomol check-config`.", *todo]
+                "# under `cohorts:` in config/config.yaml, then run `morphomol check-config`."]
+        if todo:
+            yaml.append(f"# TODO: {len(todo)} value(s) to fill in, listed at the top of {_rel(sheet, base)}")
         if kind == "visium":
             yaml += ["kind: visium", f"description: {len(rows)} Space Ranger samples from {root}",
                      f"samples: {_rel(sheet, base)}"]
@@ -337,7 +341,7 @@ def init_cohort(root: str | Path, *, name: str, out_dir: str | Path = "config/co
         _write(cfile, "\n".join(yaml) + "\n", overwrite)
         written["cohorts"][cname] = {"yaml": str(cfile), "samples": str(sheet), "kind": kind, "n": len(rows),
                                      "todo": todo}
-        log.info("cohort %s (%s): %d samples, %d TODO(s) -> %s", cname, kind, len(rows), len(todo), cfile)
+        log.info("wrote %s and %s (%d %s samples, %d TODO line(s))", sheet, cfile, len(rows), kind, len(todo))
     return written
 
 

@@ -10,6 +10,7 @@ not validated), ``tiles``, ``tiles_per_second``, ``lr_head``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,25 @@ HISTORY_CSV = "history.csv"
 LEARNING_CURVE = "learning_curve.png"
 
 
+def run_title(work_dir: str | Path) -> str:
+    """What a run directory is, for its figure: ``demo_spots · spots · seed_head · fold 0 · seed 40`` from
+    ``results/{cohort}/{study}/runs/{setting}/fold{k}[/seed{s}]`` (workflow/paths.py); other directories: their
+    last three path components."""
+    parts = Path(work_dir).parts
+    if "runs" in parts[:-1]:
+        i = len(parts) - 1 - parts[::-1].index("runs")
+        head = list(parts[max(0, i - 2):i])  # cohort, study
+        rest = [f"{m.group(1)} {m.group(2)}" if (m := re.fullmatch(r"(fold|seed)(\d+)", x)) else x
+                for x in parts[i + 1:]]
+        return " · ".join(head + rest)
+    return " · ".join(parts[-3:])
+
+
 def write_history(work_dir: str | Path, history: Sequence[dict[str, Any]], *, curve: bool = False,
-                  best_epoch: int | None = None) -> None:
+                  best_epoch: int | None = None, title: str | None = None) -> None:
     """``history.csv`` (one row per finished epoch, epochs 1-based) and, with ``curve``, the learning-curve
-    PNG (training loss and every validation score per epoch; the best epoch marked)."""
+    PNG (training loss and every validation score per epoch; the best epoch marked; titled ``title``, by
+    default :func:`run_title` of ``work_dir``)."""
     import pandas as pd
 
     from morphomol.util.atomic import atomic_path
@@ -44,24 +60,37 @@ def write_history(work_dir: str | Path, history: Sequence[dict[str, Any]], *, cu
     if curve:
         try:
             plot_learning_curve(df, out / LEARNING_CURVE, best_epoch=None if best_epoch is None or best_epoch < 0
-                                else best_epoch + 1)
+                                else best_epoch + 1, title=title if title is not None else run_title(out))
         except Exception as exc:  # a figure must never fail a training run
             log.warning("learning curve not drawn: %s", exc)
 
 
-def plot_learning_curve(df: Any, out: Path, *, best_epoch: int | None = None) -> None:
-    """Loss (left axis) and validation scores (right axis) per epoch of a ``history.csv`` table."""
+def plot_learning_curve(df: Any, out: Path, *, best_epoch: int | None = None, title: str = "") -> None:
+    """Loss (left axis) and validation scores (right axis) per epoch of a ``history.csv`` table, as a PNG."""
+    import matplotlib.pyplot as plt
+
+    from morphomol.util.atomic import atomic_path
+
+    fig = learning_curve_figure(df, best_epoch=best_epoch, title=title)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+
+
+def learning_curve_figure(df: Any, *, best_epoch: int | None = None, title: str = "") -> Any:
+    """The learning-curve figure: ``title`` (cohort · study · setting · fold), whole-epoch ticks, the training
+    loss per epoch, every validation score on a second axis, the best epoch marked."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-
-    from morphomol.util.atomic import atomic_path
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.plot(df["epoch"], df["loss"], "o-", color="#1f77b4", label="training loss")
     ax.set_xlabel("epoch")
     ax.set_ylabel("training loss")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     skip = {"epoch", "loss", "tiles", "tiles_per_second", "lr_head", "compile_seconds"}
     vals = [c for c in df.columns if c not in skip and df[c].notna().any() and np.issubdtype(df[c].dtype, np.number)]
     if vals:
@@ -74,9 +103,8 @@ def plot_learning_curve(df: Any, out: Path, *, best_epoch: int | None = None) ->
         h2, l2 = ax2.get_legend_handles_labels()
         ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="best")
     if best_epoch is not None:
-        ax.axvline(best_epoch, color="grey", lw=0.8, ls=":")
-        ax.set_title(f"best epoch {best_epoch}", fontsize=8)
+        ax.axvline(best_epoch, color="grey", lw=0.8, ls=":", label="_best epoch")
+    sub = f"best epoch {best_epoch}" if best_epoch is not None else ""
+    ax.set_title("\n".join(t for t in (title, sub) if t), fontsize=8)
     fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
+    return fig

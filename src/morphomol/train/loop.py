@@ -11,10 +11,12 @@
                       ``checkpoint_every`` epochs (written in the background) and on SIGTERM (-> exit 143).
 5. ``predict``        a whole source in its unshuffled order (results gathered on the device).
 
-Progress and history: the batches of an epoch go through :func:`morphomol.util.progress.progress` (a bar
-in a terminal, rate-limited log lines under SLURM); after every epoch ``work_dir/history.csv`` (one row
-per epoch: loss, validation score and extras, tiles/s, lr) is rewritten, and when the fit ends (or is
-preempted) ``work_dir/learning_curve.png`` is drawn from it (rank 0 only; neither changes a number).
+Progress and history: the batches of an epoch go through :class:`morphomol.util.progress.TrainProgress` (a
+bar per epoch in a terminal, by default; rate-limited log lines with the time left in the epoch and in the
+whole run under SLURM / in rule logs; each epoch's log line ends with the run's time left); after every
+epoch ``work_dir/history.csv`` (one row per epoch: loss, validation score and extras, tiles/s, lr) is
+rewritten, and when the fit ends (or is preempted) ``work_dir/learning_curve.png`` is drawn from it, titled
+with the run (cohort · study · setting · fold; rank 0 only; neither changes a number).
 
 Input pipeline: the loop passes a source the optional ``epoch`` keywords it lists in
 ``epoch_options`` (:mod:`.sources`): ``device`` (batches arrive on the device), ``threads`` (the
@@ -60,7 +62,7 @@ from morphomol.train.runtime import Runtime, autocast, loader_threads, to_device
 from morphomol.train.sources import BatchSource, epoch_options
 from morphomol.util.logs import get_logger
 from morphomol.train.history import write_history
-from morphomol.util.progress import progress
+from morphomol.util.progress import TrainProgress
 
 log = get_logger("train")
 
@@ -243,6 +245,8 @@ def fit(
         log.info("no validation partition: %d fixed epochs (training.epochs), no early stopping, last weights kept",
                  training.epochs)
     first = True  # the first step of this process compiles (timed apart)
+    prog = TrainProgress(epochs=training.epochs, steps_per_epoch=steps_per_epoch,
+                         done=st.epoch * steps_per_epoch + st.batch, logger=log)
     # ---- the epochs
     try:
         with StopFlag() as stop:
@@ -253,9 +257,8 @@ def fit(
                 stream = fit_ds.epoch(st.epoch, batch_size=bs, fields=batch_fields, seed=runtime.seed, shuffle=True,
                                       drop_last=drop_last, skip=st.batch, num_workers=runtime.workers(
                                           training.num_workers), pin_memory=device.type == "cuda", **kw)
-                if dist.is_main:
-                    stream = progress(stream, total=max(0, steps_per_epoch - st.batch), unit="batch", leave=False,
-                                      desc=f"epoch {st.epoch + 1}/{training.epochs}", logger=log)
+                stream = prog.batches(stream, epoch=st.epoch, total=max(0, steps_per_epoch - st.batch),
+                                      report=dist.is_main)
                 for batch in stream:
                     for g in optimizer.param_groups:
                         g["lr"] = learning_rate(st.step, g["base_lr"], training.min_lr, warmup_steps, total_steps)
@@ -329,9 +332,12 @@ def fit(
                 st.history.append(rec)
                 if dist.is_main:
                     write_history(work_dir, st.history)
-                log.info("epoch %d/%d loss %.4f %s | %.1f tiles/s | lr %s%s", st.epoch + 1, training.epochs,
+                prog.done = (st.epoch + 1) * steps_per_epoch  # the plan's count after this epoch
+                run_eta = prog.run_eta() if st.epoch + 1 < training.epochs else ""
+                log.info("epoch %d/%d loss %.4f %s | %.1f tiles/s | lr %s%s%s", st.epoch + 1, training.epochs,
                          rec["loss"], val_txt, rec["tiles_per_second"],
-                         "/".join(f"{g['lr']:.2e}" for g in optimizer.param_groups), " *" if improved else "")
+                         "/".join(f"{g['lr']:.2e}" for g in optimizer.param_groups), " *" if improved else "",
+                         f" | {run_eta}" if run_eta else "")
                 st.epoch += 1
                 st.batch, st.epoch_loss_sum, st.epoch_tiles, st.epoch_seconds = 0, 0.0, 0, 0.0
                 st.epoch_untimed_tiles = 0

@@ -17,7 +17,7 @@ from typing import Any
 
 from morphomol.config.kinds import CohortKind, register_kind
 from morphomol.errors import InputError
-from morphomol.studies import StudySpec, register_study
+from morphomol.studies import StudySpec, StudySummary, log_noop, register_study
 from morphomol.util.logs import get_logger
 
 log = get_logger("cells.study")
@@ -119,6 +119,33 @@ def check(cohort: Any, *, workdir: Path, config_file: Path, preflight: bool = Tr
         from morphomol.splits import check_fold_plan
 
         check_fold_plan(cohort, file=cohort.source_of("splits") or config_file, groups=groups, unit="donor")
+    if preflight:
+        log_noop(summary(cohort, workdir=workdir))
+
+
+def summary(cohort: Any, *, workdir: Path) -> StudySummary:
+    """``cells: base model <dir> (gemma3)`` or ``cells: tiny random demo model``. No base model stops the check
+    above (naming cells.model.path); a real cohort on the tiny random model gets a warning."""
+    import json
+
+    from morphomol.studies.cells.prompts import enabled_tasks
+
+    c = cohort.cfg.cells
+    tasks = ", ".join(enabled_tasks(c.tasks))
+    warnings = []
+    if c.model.path is not None:
+        try:
+            kind = json.loads((workdir / c.model.path / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            kind = None
+        line = f"cells: base model {c.model.path}" + (f" ({kind})" if kind else "") + f"; tasks {tasks}"
+    else:
+        line = f"cells: tiny random demo model (cells.model.tiny); tasks {tasks}"
+        if cohort.simulate is None:
+            warnings.append(f"cohort '{cohort.name}': cells.model.tiny builds a small randomly initialised model: "
+                            "the LLM rows of the cells tables mean nothing for real data; set cells.model.path to a "
+                            "local base-model directory (e.g. MedGemma-4b-it) instead of cells.model.tiny")
+    return StudySummary(line, tuple(warnings))
 
 
 def donor_groups(cohort: Any, *, workdir: Path) -> dict[str, list[str]] | None:
@@ -164,4 +191,5 @@ STUDY = register_study(StudySpec(
     cohort_kinds=("cells",),
     check=check,
     settings_schema="settings.cells.schema.yaml",
+    summary=summary,
 ))

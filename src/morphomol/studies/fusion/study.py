@@ -19,7 +19,7 @@ from typing import Any
 
 from morphomol.errors import InputError
 from morphomol.splits import check_fold_plan
-from morphomol.studies import StudySpec, register_study
+from morphomol.studies import StudySpec, StudySummary, log_noop, register_study
 
 
 def check_tile_geometry(tile_px: int, stride_px: int, grid: int, *, file: Any = None) -> None:
@@ -82,6 +82,28 @@ def check(cohort: Any, *, workdir: Path, config_file: Path, preflight: bool = Tr
                          expected="a multiple of model.vit.num_heads (each attention head gets embed_dim / num_heads)")
     check_fold_plan(cohort, file=cohort.source_of("splits") or config_file)
     check_panel_genes(cohort, workdir=workdir)
+    if preflight:
+        log_noop(summary(cohort, workdir=workdir))
+
+
+def summary(cohort: Any, *, workdir: Path) -> StudySummary:
+    """``fusion: 17/37 settings runnable (20 need encoders.uni.weights, ...)``; a warning when none can run."""
+    from morphomol.studies.fusion.settings import load_settings
+
+    settings = load_settings(workdir / cohort.cfg.experiments.settings_file)
+    weights = {e: entry.weights for e, entry in cohort.cfg.encoders.items()}
+    missing = {n: s.missing_weights(weights) for n, s in settings.items()}
+    runnable = [n for n, m in missing.items() if not m]
+    keys = sorted({f"encoders.{e}.weights" for m in missing.values() for e in m})
+    line = f"fusion: {len(runnable)}/{len(settings)} settings runnable"
+    if keys:
+        line += f" ({len(settings) - len(runnable)} need {', '.join(keys)})"
+    warnings = []
+    if not runnable:
+        warnings.append(f"cohort '{cohort.name}': the fusion study will train no model: none of its {len(settings)} "
+                        f"settings can run without weights; set {' and '.join(keys)} (a local weights file; "
+                        "`morphomol encoders` lists what each needs)")
+    return StudySummary(line, tuple(warnings))
 
 
 STUDY = register_study(StudySpec(
@@ -90,4 +112,5 @@ STUDY = register_study(StudySpec(
     cohort_kinds=("xenium",),
     check=check,
     settings_schema="settings.fusion.schema.yaml",
+    summary=summary,
 ))

@@ -23,7 +23,7 @@ from morphomol.config.kinds import CohortKind, register_kind
 from morphomol.encoders import bulk_rna  # noqa: F401  (registers the bulk-RNA expression encoder)
 from morphomol.errors import InputError
 from morphomol.splits import check_fold_plan
-from morphomol.studies import StudySpec, register_study
+from morphomol.studies import StudySpec, StudySummary, log_noop, register_study
 
 SLIDES = "slides"
 
@@ -131,6 +131,26 @@ def check(cohort: Any, *, workdir: Path, config_file: Path, preflight: bool = Tr
         if not (workdir / params.gmt).is_file():
             raise InputError(f"GMT not found: {params.gmt}", file=cohort.path, field="simulate.gmt",
                              expected="an existing GMT file")
+    if preflight:
+        log_noop(summary(cohort, workdir=workdir))
+
+
+def summary(cohort: Any, *, workdir: Path) -> StudySummary:
+    """``slides: patch encoder vit_s, poolings mean, abmil, RNA encoder pca``. Missing required weights stop the
+    check above (naming the key); a real cohort whose patch encoder runs from a random init gets a warning."""
+    from morphomol.encoders.registry import get_spec
+
+    cfg = cohort.cfg
+    s = cfg.slides
+    random_init = not get_spec(s.encoder).requires_weights and not cfg.weights(s.encoder)
+    line = (f"slides: patch encoder {s.encoder}" + (" (random init)" if random_init else "")
+            + f", poolings {', '.join(s.poolings)}, RNA encoder {s.rna_encoder}")
+    warnings = []
+    if random_init and cohort.simulate is None:
+        warnings.append(f"cohort '{cohort.name}': slides.encoder {s.encoder} has no weights (encoders.{s.encoder}"
+                        f".weights): the slide embeddings are built from a randomly initialised {s.encoder}; set "
+                        f"encoders.{s.encoder}.weights, or slides.encoder to a pretrained encoder with weights")
+    return StudySummary(line, tuple(warnings))
 
 
 STUDY = register_study(StudySpec(
@@ -138,4 +158,5 @@ STUDY = register_study(StudySpec(
     description="slide-level contrastive alignment of frozen H&E and RNA encoders, gene-set prompting (seed 003)",
     cohort_kinds=("slides",),
     check=check,
+    summary=summary,
 ))

@@ -17,6 +17,10 @@ Everything checkable from the config, the sheets and the small files of each sam
 
 The row and sample problems of every sample are collected and raised as one InputError listing each
 sample (one sample: its own error, unchanged).
+
+What runs but trains nothing is not an error: :func:`summary` (printed by check-config, its warnings logged
+at the start of a run) says how many settings can run, what each of the others needs (e.g.
+``encoders.uni2h.weights``, the default encoder's weights) and warns when no head will be trained.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Any
 from morphomol.config.kinds import CohortKind, register_kind
 from morphomol.errors import InputError
 from morphomol.splits import check_fold_plan
-from morphomol.studies import StudySpec, register_study
+from morphomol.studies import StudySpec, StudySummary, log_noop, register_study
 from morphomol.util.logs import get_logger
 
 log = get_logger("spots.study")
@@ -156,6 +160,57 @@ def check(cohort: Any, *, workdir: Path, config_file: Path, preflight: bool = Tr
         raise InputError("spots.captions.source is csv but no sample has a captions file", file=cohort.sheet_path,
                          field="captions", expected="a captions CSV (barcode, caption) per sample")
     check_rows(cohort, workdir=workdir, preflight=preflight)
+    if preflight:
+        log_noop(summary(cohort, workdir=workdir))
+
+
+def summary(cohort: Any, *, workdir: Path) -> StudySummary:
+    """``spots: 3/10 settings runnable (...); baselines ...``; a warning when no head will be trained (every
+    setting lacks a weight or captions: naming the key to set), when the reference setting cannot run (no
+    per-sample outputs or maps), and when a real cohort's features come from a randomly initialised encoder."""
+    from morphomol.encoders.registry import get_spec, list_encoders
+    from morphomol.studies.spots.settings import load_settings
+
+    cfg = cohort.cfg
+    sp = cfg.spots
+    settings = load_settings(workdir / sp.settings_file)
+    weights = {n: e.weights for n, e in cfg.encoders.items()}
+    reasons = {n: s.not_runnable_reason(default_encoder=sp.encoder, weights=weights,
+                                        has_captions=sp.captions.source != "none") for n, s in settings.items()}
+    runnable = [n for n, r in reasons.items() if r is None]
+    need = sorted({f"encoders.{s.encoder_for(sp.encoder)}.weights" for n, s in settings.items()
+                   if reasons[n] and reasons[n].startswith("missing weights")})
+    no_captions = [n for n, r in reasons.items() if r and r.startswith("no captions")]
+    # the baselines of the rules (workflow/rules/spots_functions.smk, spots_baselines): ridge needs the features
+    b = sp.baselines
+    features_ok = not (get_spec(sp.encoder).requires_weights and not weights.get(sp.encoder))
+    baselines = [n for n, on in (("ridge_hest", b.ridge_hest), ("ridge_cv", b.ridge_cv)) if on and features_ok]
+    baselines += [n for n, on in (("mean", b.mean), ("depth_only", b.depth_only)) if on]
+    line = f"spots: {len(runnable)}/{len(settings)} settings runnable"
+    why = ([f"{len(settings) - len(runnable) - len(no_captions)} need {', '.join(need)}"] if need else []) + \
+          ([f"{len(no_captions)} need captions (spots.captions.source)"] if no_captions else [])
+    if why:
+        line += f" ({'; '.join(why)})"
+    line += "; baselines " + (", ".join(baselines) or "none")
+    free = [e.name for e in list_encoders() if e.kind == "image" and not e.requires_weights]
+    warnings = []
+    if not runnable:
+        fix = " and ".join(need) if need else "spots.captions.source (csv or vlm) and spots.captions.sentence_model"
+        warnings.append(
+            f"cohort '{cohort.name}': the spots study will train no head: none of its {len(settings)} settings can "
+            f"run ({'; '.join(why)}); set {fix}" + (f" (a local weights file; `morphomol encoders` lists what each "
+            f"encoder needs), or spots.encoder to one that runs without weights ({', '.join(free)}: random init "
+            "unless its weights are set)" if need else "")
+            + "; only the baselines run (" + (", ".join(baselines) or "none") + ")")
+    elif reasons.get(sp.reference):
+        warnings.append(f"cohort '{cohort.name}': the spots reference setting '{sp.reference}' cannot run "
+                        f"({reasons[sp.reference]}): no per-sample outputs or maps are written")
+    enc = get_spec(sp.encoder)
+    if cohort.simulate is None and not enc.requires_weights and not weights.get(sp.encoder) and \
+            any(reasons[n] is None and settings[n].encoder_for(sp.encoder) == sp.encoder for n in settings):
+        warnings.append(f"cohort '{cohort.name}': spots.encoder {sp.encoder} has no weights (encoders.{sp.encoder}"
+                        f".weights): its heads are trained on the features of a randomly initialised {sp.encoder}")
+    return StudySummary(line, tuple(warnings))
 
 
 STUDY = register_study(StudySpec(
@@ -164,4 +219,5 @@ STUDY = register_study(StudySpec(
     cohort_kinds=("visium",),
     check=check,
     settings_schema="settings.spots.schema.yaml",
+    summary=summary,
 ))
