@@ -198,14 +198,10 @@ def unit_chunks(path: str | Path, genes: Sequence[str], chunk_rows: int = 16384)
 
 
 def unit_genes(path: str | Path) -> list[str]:
-    """The genes (var names) of a unit table, without reading its counts."""
-    from morphomol.data.units import read_units
+    """The genes (var names) of a unit table, without reading its counts (:func:`morphomol.data.units.unit_genes`)."""
+    from morphomol.data.units import unit_genes as _unit_genes
 
-    a = read_units(path, backed=True)
-    try:
-        return [str(g) for g in a.var_names]
-    finally:
-        a.file.close()
+    return _unit_genes(path)
 
 
 def common_genes(gene_lists: Iterable[Sequence[str]]) -> list[str]:
@@ -218,6 +214,15 @@ def common_genes(gene_lists: Iterable[Sequence[str]]) -> list[str]:
     return common
 
 
+def _check_n_hvg(n_targets: int, common: Sequence[str]) -> int:
+    """``n_targets`` HVGs must leave core genes among the genes measured in every sample."""
+    n = int(n_targets)
+    if n >= len(common):
+        raise InputError(f"n_hvg_targets={n} but only {len(common)} genes are measured in every sample",
+                         field="panels.n_hvg_targets", expected=f"fewer than {len(common)}")
+    return n
+
+
 def hvg_units(units: Mapping[str, str | Path], fit_samples: Sequence[str], n_targets: int,
               chunk_rows: int = 16384) -> dict[str, Any]:
     """HVG panel of a fold from the unit tables (sample -> units.h5ad): seurat_v3 on every tile of the fit
@@ -226,10 +231,7 @@ def hvg_units(units: Mapping[str, str | Path], fit_samples: Sequence[str], n_tar
     fit = [s for s in units if s in set(map(str, fit_samples))]
     if not fit:
         raise InputError("no fit tiles for HVG selection", field="splits")
-    n = int(n_targets)
-    if n >= len(common):
-        raise InputError(f"n_hvg_targets={n} but only {len(common)} genes are measured in every sample",
-                         field="panels.n_hvg_targets", expected=f"fewer than {len(common)}")
+    n = _check_n_hvg(n_targets, common)
     hv = set(seurat_v3_streamed({s: unit_chunks(units[s], common, chunk_rows) for s in fit}, common, n))
     return {"mode": "hvg", "core": [g for g in common if g not in hv], "addon": [g for g in common if g in hv]}
 
@@ -266,10 +268,7 @@ def hvg_panel(counts: dict[str, Any], fit_ids: Sequence[str], n_targets: int) ->
             batches[str(s)] = lambda X=X: iter([X])
     if not batches:
         raise InputError("no fit tiles for HVG selection", field="splits")
-    n = int(n_targets)
-    if n >= len(common):
-        raise InputError(f"n_hvg_targets={n} but only {len(common)} genes are measured in every sample",
-                         field="panels.n_hvg_targets", expected=f"fewer than {len(common)}")
+    n = _check_n_hvg(n_targets, common)
     hvs = set(seurat_v3_streamed(batches, common, n))
     addon = [g for g in common if g in hvs]
     core = [g for g in common if g not in hvs]

@@ -14,7 +14,7 @@ samples the job reads.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +34,7 @@ def read_folds(path: str | Path) -> pd.DataFrame:
     p = Path(path)
     if not p.exists():
         raise InputError("fold table missing", file=p, expected="output of the splits rule (splits/folds.parquet)")
-    df = pd.read_parquet(p)
-    missing = [c for c in FOLDS_COLUMNS if c not in df.columns]
-    if missing:
-        raise InputError(f"missing column(s) {missing}", file=p, field=missing[0], expected=", ".join(FOLDS_COLUMNS))
-    bad = sorted(set(df["partition"].astype(str)) - set(PARTITIONS))
-    if bad:
-        raise InputError(f"unknown partition(s) {bad}", file=p, field="partition", expected="fit | val | test")
+    df = check_partition_table(pd.read_parquet(p), FOLDS_COLUMNS, file=p)
     df["sample_id"] = df["sample_id"].astype(str)
     df["patient_id"] = df["patient_id"].astype(str)
     df["partition"] = df["partition"].astype(str)
@@ -140,9 +134,15 @@ def read_split(folds: str | Path, fold: int, unit_tables: Mapping[str, str | Pat
 
 def check_split_table(df: pd.DataFrame, *, file: object = None) -> pd.DataFrame:
     """Validate a unit-level split table (columns, partitions)."""
-    missing = [c for c in SPLIT_COLUMNS if c not in df.columns]
+    return check_partition_table(df, SPLIT_COLUMNS, file=file)
+
+
+def check_partition_table(df: pd.DataFrame, columns: Sequence[str], *, file: object = None) -> pd.DataFrame:
+    """InputError unless ``df`` has ``columns`` and every ``partition`` is fit | val | test (fold tables of
+    every study, unit-level splits)."""
+    missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise InputError(f"missing column(s) {missing}", file=file, field=missing[0], expected=", ".join(SPLIT_COLUMNS))
+        raise InputError(f"missing column(s) {missing}", file=file, field=missing[0], expected=", ".join(columns))
     bad = sorted(set(df["partition"].astype(str)) - set(PARTITIONS))
     if bad:
         raise InputError(f"unknown partition(s) {bad}", file=file, field="partition", expected="fit | val | test")

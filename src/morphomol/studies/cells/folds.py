@@ -210,13 +210,9 @@ def read_donor_folds(path: str | Path) -> pd.DataFrame:
     p = Path(path)
     if not p.exists():
         raise InputError("fold assignment missing", file=p, expected="output of the cells_split rule")
-    df = pd.read_parquet(p)
-    missing = [c for c in DONOR_FOLD_COLUMNS if c not in df.columns]
-    if missing:
-        raise InputError(f"missing column(s) {missing}", file=p, field=missing[0], expected=", ".join(DONOR_FOLD_COLUMNS))
-    bad = sorted(set(df["partition"].astype(str)) - set(PARTITIONS))
-    if bad:
-        raise InputError(f"unknown partition(s) {bad}", file=p, field="partition", expected="fit | val | test")
+    from morphomol.data.folds import check_partition_table
+
+    df = check_partition_table(pd.read_parquet(p), DONOR_FOLD_COLUMNS, file=p)
     df["patient_id"] = df["patient_id"].astype(str)
     if "sample_id" in df.columns:
         df["sample_id"] = df["sample_id"].astype(str)
